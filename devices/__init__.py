@@ -1,0 +1,1 @@
+"""Device drivers (ZVT payment terminals, Modbus locker boards) and their simulators."""

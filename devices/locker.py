@@ -155,6 +155,7 @@ class LockerEvent:
 
 
 EventCallback = Callable[[LockerEvent], Awaitable[None]]
+BeforePulse = Callable[[int], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -269,11 +270,19 @@ class LockerBank:
         await self._bus.pulse(unit, channel, self.settings.pulse_ms // 100)
         self._log.info("locker pulse", compartment=compartment, unit=unit, channel=channel)
 
-    async def open_compartment(self, compartment: int) -> bool:
-        """Pulse until the door shows open (jam_tries pulses); False and ``jammed`` if never."""
+    async def open_compartment(
+        self, compartment: int, *, before_pulse: BeforePulse | None = None
+    ) -> bool:
+        """Pulse until the door shows open (jam_tries pulses); False and ``jammed`` if never.
+
+        ``before_pulse(try_no)`` is awaited before every pulse (1-based), e.g. to commit the
+        audit record of that pulse; an already open door returns True without a pulse.
+        """
         if self.door_open(compartment) is True:
             return True
-        for _ in range(self.settings.jam_tries):
+        for try_no in range(1, self.settings.jam_tries + 1):
+            if before_pulse is not None:
+                await before_pulse(try_no)
             await self.pulse(compartment)
             if await self._wait_door(compartment, True, self.settings.open_confirm_s):
                 return True

@@ -49,6 +49,7 @@ class _Board:
     relay_until: list[float] = field(default_factory=lambda: [0.0] * CHANNELS)
     pulses: list[int] = field(default_factory=lambda: [0] * CHANNELS)
     silent: bool = False
+    pulse_refusal: int = 0  # a Modbus exception code answered to pulses, 0 = accept them
 
 
 class LockerBoardSim:
@@ -119,6 +120,10 @@ class LockerBoardSim:
     def jam(self, unit: int, channel: int, on: bool = True) -> None:
         """While jammed, pulses on ``channel`` do not open its door."""
         self._boards[unit].jammed[channel] = on
+
+    def reject_pulses(self, unit: int, code: int = ILLEGAL_DATA_ADDRESS, on: bool = True) -> None:
+        """While on, the board answers pulses with exception ``code`` (another board profile)."""
+        self._boards[unit].pulse_refusal = code if on else 0
 
     def silence(self, unit: int, on: bool = True) -> None:
         """While silenced, the board receives but never answers."""
@@ -281,6 +286,8 @@ class LockerBoardSim:
 
     @staticmethod
     def _pulse(board: _Board, channel: int, tenths: int, now: float) -> int:
+        if board.pulse_refusal:
+            return board.pulse_refusal
         if not 1 <= tenths <= 0xFF:
             return ILLEGAL_DATA_VALUE
         board.pulses[channel] += 1

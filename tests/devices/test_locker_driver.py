@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from devices import modbus_rtu as rtu
-from devices.errors import DeviceUnavailable
+from devices.errors import DeviceRejected, DeviceUnavailable
 from devices.locker import (
     CompartmentSettings,
     LockerBank,
@@ -253,14 +253,32 @@ async def test_door_left_open_uses_the_injected_clock() -> None:
 
 async def test_jammed_after_three_pulses(sim: LockerBoardSim) -> None:
     sim.jam(1, 0)
+    audit: list[tuple[int, int]] = []
+
+    async def before_pulse(try_no: int) -> None:
+        audit.append((try_no, sim.pulse_count(1, 0)))
+
     async with running(make_settings(sim.endpoint, open_confirm_s=0.1)) as (bank, events):
-        assert not await bank.open_compartment(1)
+        assert not await bank.open_compartment(1, before_pulse=before_pulse)
         assert sim.pulse_count(1, 0) == 3
         assert pulse_frames(sim, 1) == [bytes.fromhex("01 05 02 00 00 07 8D B0")] * 3
+        assert audit == [(1, 0), (2, 1), (3, 2)]  # each hook ran before its pulse was sent
         jammed = await events.wait_for(K.JAMMED, 1)
         assert jammed.is_alert
         assert bank.door_open(1) is False
         assert not events.of(K.OPENED)
+
+
+async def test_refused_pulse_raises_rejected_and_board_stays_online(sim: LockerBoardSim) -> None:
+    sim.reject_pulses(2, code=0x02)
+    async with running(make_settings(sim.endpoint)) as (bank, events):
+        with pytest.raises(DeviceRejected) as info:
+            await bank.open_compartment(4)
+        assert info.value.code == 0x02
+        assert bank.counters.exceptions == 1
+        assert sim.pulse_count(2, 5) == 0
+        assert state(bank) is DeviceState.ONLINE
+        assert not events.events
 
 
 async def test_polarity_door_closed_when_zero() -> None:

@@ -173,7 +173,6 @@ class _Board:
     backoff: Backoff
     online: bool | None = None  # None: not contacted yet
     retry_at: float = 0.0
-    outage_error: str = ""
 
 
 class LockerBank:

@@ -33,6 +33,10 @@ class Backoff:
         """Call after a success: the next failure starts from ``initial_s`` again."""
         self._attempt = 0
 
+    def exhaust(self) -> None:
+        """Make the next waits the longest (a fatal-looking failure: retry rarely)."""
+        self._attempt = 64
+
     def wake(self) -> None:
         """End the current (or next) wait at once."""
         self._woken.set()

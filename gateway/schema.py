@@ -1,0 +1,63 @@
+"""Database schema, one migration script per ``PRAGMA user_version`` step.
+
+Later steps are appended; a step never changes once released. Every business table that records a
+fact points at the seq of the outbox event that carries it, so state and event commit together.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the outbox, command replay cache, sales and inventory
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO meta(key, value) VALUES
+        ('last_seq', 0), ('acked_through', 0), ('sent_through', 0), ('snapshot_as_of_seq', 0),
+        ('snapshot_at', 0);
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY,        -- gapless, assigned at commit, never reused
+        id TEXT NOT NULL,               -- UUIDv7, stable across retransmissions
+        type TEXT NOT NULL,
+        created_at REAL NOT NULL,       -- local wall clock at commit (for ages and retention)
+        body TEXT NOT NULL              -- the envelope exactly as sent, every time
+    );
+    CREATE TABLE commands (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        keep_until REAL NOT NULL,       -- replay cache horizon (expiry + skew + window)
+        result TEXT NOT NULL            -- JSON of the first command.result data
+    ) WITHOUT ROWID;
+    CREATE TABLE sales (
+        sale_id TEXT PRIMARY KEY,       -- sale_id or return_id (kind tells which)
+        kind TEXT NOT NULL,
+        terminal_id TEXT NOT NULL,
+        seq INTEGER NOT NULL            -- seq of its sale.completed / return.completed event
+    ) WITHOUT ROWID;
+    CREATE TABLE stock_base (sku TEXT PRIMARY KEY, on_hand INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE movements (
+        seq INTEGER PRIMARY KEY,        -- seq of its inventory.changed event
+        sku TEXT NOT NULL,
+        delta INTEGER NOT NULL,
+        cause TEXT NOT NULL,
+        ref TEXT NOT NULL
+    );
+    CREATE INDEX movements_sku ON movements(sku, seq);
+    CREATE TABLE adjustments (adjustment_id TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE snapshot_parts (
+        snapshot_id TEXT NOT NULL,
+        part INTEGER NOT NULL,
+        parts INTEGER NOT NULL,
+        as_of_seq INTEGER NOT NULL,
+        items TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        PRIMARY KEY (snapshot_id, part)
+    ) WITHOUT ROWID;
+    CREATE TABLE reservations (
+        order_id TEXT NOT NULL,
+        sku TEXT NOT NULL,
+        qty INTEGER NOT NULL,
+        PRIMARY KEY (order_id, sku)
+    ) WITHOUT ROWID;
+    CREATE INDEX reservations_sku ON reservations(sku);
+    """,
+)

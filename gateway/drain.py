@@ -1,0 +1,174 @@
+"""Drain the outbox to the cloud: stream from SQLite, batch, publish QoS 1 in a window.
+
+The drainer never holds the backlog in memory: it reads ``read_ahead`` committed events at a
+time, cuts them into messages of at most ``max_batch`` consecutive envelopes and 128 KiB, and keeps
+up to ``max_inflight`` messages awaiting their PUBACK. A PUBACK moves the *sent* watermark (written
+in batches, once a second); only the backend's ``ack`` lets an event go. After every (re)connect,
+after ``resend_after_s`` without ack progress, and on ``events.replay`` the cursor moves back and
+the held events are sent again — the same stored bytes every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+import structlog
+
+from gateway.outbox import Outbox
+
+log = structlog.get_logger(__name__)
+
+MAX_MESSAGE_BYTES = 128 * 1024
+_HEAD = b'{"events":['
+_TAIL = b"]}"
+
+Publish = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One MQTT message worth of consecutive events."""
+
+    first_seq: int
+    last_seq: int
+    payload: bytes
+
+
+def make_batches(rows: list[tuple[int, str]], max_batch: int) -> Iterator[Batch]:
+    """Cut (seq, body) rows into messages of ≤ max_batch envelopes and ≤ 128 KiB."""
+    limit = MAX_MESSAGE_BYTES - len(_HEAD) - len(_TAIL)
+    parts: list[bytes] = []
+    size = 0
+    first = 0
+    for seq, body in rows:
+        data = body.encode()
+        extra = len(data) + (1 if parts else 0)
+        if parts and (len(parts) >= max_batch or size + extra > limit):
+            yield Batch(first, first + len(parts) - 1, _HEAD + b",".join(parts) + _TAIL)
+            parts, size = [], 0
+            extra = len(data)
+        if not parts:
+            first = seq
+        parts.append(data)
+        size += extra
+    if parts:
+        yield Batch(first, first + len(parts) - 1, _HEAD + b",".join(parts) + _TAIL)
+
+
+class _RateLimiter:
+    """At most ``rate`` acquisitions per second (a token bucket of one second's depth)."""
+
+    def __init__(self, rate: float) -> None:
+        self._interval_s = 1.0 / rate
+        self._next = 0.0
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._next <= now:
+            self._next = max(self._next + self._interval_s, now - 1.0 + self._interval_s)
+            return
+        delay = self._next - now
+        self._next += self._interval_s
+        await asyncio.sleep(delay)
+
+
+class Drainer:
+    """Streams held events to the cloud within one connected session (see module docstring)."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        *,
+        max_inflight: int = 100,
+        max_batch: int = 100,
+        resend_after_s: float = 60.0,
+        max_publish_rate: float | None = None,
+        read_ahead: int = 1000,
+        persist_every_s: float = 1.0,
+    ) -> None:
+        self.outbox = outbox
+        self.max_inflight = max_inflight
+        self.max_batch = max_batch
+        self.resend_after_s = resend_after_s
+        self.read_ahead = max(read_ahead, max_batch)
+        self.persist_every_s = persist_every_s
+        self._rate = _RateLimiter(max_publish_rate) if max_publish_rate else None
+        self._wake = asyncio.Event()
+        self._ack_progress = asyncio.Event()
+        self._rewind_to: int | None = None
+        self.messages_sent = 0
+        self.resends = 0
+
+    def notify_committed(self, _last_seq: int) -> None:
+        """Commit listener: new events are ready."""
+        self._wake.set()
+
+    def notify_acked(self) -> None:
+        """The backend's ack moved forward."""
+        self._ack_progress.set()
+
+    def replay(self, from_seq: int) -> None:
+        """Send everything held with seq ≥ from_seq again (``events.replay``)."""
+        self._rewind(max(1, from_seq), reason="replay")
+
+    def _rewind(self, seq: int, *, reason: str) -> None:
+        self._rewind_to = seq if self._rewind_to is None else min(self._rewind_to, seq)
+        self.resends += 1
+        log.info("resending held events", from_seq=seq, reason=reason)
+        self._wake.set()
+
+    async def run(self, publish: Publish) -> None:
+        """Drain until cancelled (the session ends); a publish failure ends the session."""
+        cursor = self.outbox.acked_through + 1
+        window = asyncio.Semaphore(self.max_inflight)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._resend_watch(), name="drain-resend")
+            tg.create_task(self._persist_loop(), name="drain-persist")
+            while True:
+                if self._rewind_to is not None:
+                    cursor, self._rewind_to = self._rewind_to, None
+                self._wake.clear()
+                rows = await self.outbox.fetch_from(cursor, self.read_ahead)
+                if not rows:
+                    await self._wake.wait()
+                    continue
+                cursor = rows[0][0]
+                for batch in make_batches(rows, self.max_batch):
+                    if self._rewind_to is not None:
+                        break
+                    await window.acquire()
+                    if self._rate is not None:
+                        await self._rate.acquire()
+                    tg.create_task(self._send(publish, batch, window))
+                    cursor = batch.last_seq + 1
+
+    async def _send(self, publish: Publish, batch: Batch, window: asyncio.Semaphore) -> None:
+        try:
+            await publish(batch.payload)
+        finally:
+            window.release()
+        self.messages_sent += 1
+        self.outbox.mark_sent(batch.last_seq)
+
+    async def _resend_watch(self) -> None:
+        while True:
+            self._ack_progress.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.resend_after_s):
+                    await self._ack_progress.wait()
+                continue
+            if self.outbox.sent_through > self.outbox.acked_through:
+                self._rewind(self.outbox.acked_through + 1, reason="no ack within resend_after_s")
+
+    async def _persist_loop(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.persist_every_s)
+                await self.outbox.persist_sent()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.outbox.persist_sent())

@@ -14,12 +14,15 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from devices.locker import LockerBankSettings
 from devices.zvt import ZvtSettings
@@ -431,9 +434,49 @@ def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> list[str
         parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
         if not parts:
             continue
-        _set_path(raw, parts, _parse_env_value(text), origin=name)
+        value = _parse_env_value(text)
+        if not isinstance(value, str) and takes_text_only(field_at(parts)):
+            value = text  # STORE_GATEWAY__CLOUD__PROTOCOL=5 means "5", not the number 5
+        _set_path(raw, parts, value, origin=name)
         applied.append(".".join(parts))
     return applied
+
+
+def field_at(parts: Sequence[str]) -> FieldInfo | None:
+    """The model field a key path names (list entries by index: ``locker_banks.0.id``), or None."""
+    model: type[BaseModel] | None = GatewayConfig
+    field: FieldInfo | None = None
+    rest = list(parts)
+    while rest:
+        if model is None:
+            return None
+        field = model.model_fields.get(rest.pop(0))
+        if field is None:
+            return None
+        model = _model_of(field.annotation)
+        listed = typing.get_origin(field.annotation) in (list, tuple)
+        if model is not None and listed and rest and not rest.pop(0).isdigit():
+            return None
+    return field
+
+
+def takes_text_only(field: FieldInfo | None) -> bool:
+    """True for fields whose only valid values are text (str, Path, string Literals, optional)."""
+    return field is not None and _text_annotation(field.annotation)
+
+
+def _text_annotation(annotation: Any) -> bool:
+    if annotation in (str, Path, type(None)):
+        return True
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return all(isinstance(a, str) for a in args)
+    if origin is Annotated:
+        return _text_annotation(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return all(_text_annotation(a) for a in args)
+    return False
 
 
 def _set_path(node: Any, parts: list[str], value: Any, *, origin: str) -> None:

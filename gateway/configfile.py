@@ -120,18 +120,19 @@ def render_schema() -> str:
 def render_starter(store_id: str = EXAMPLE_STORE_ID) -> str:
     """A commented starter configuration, every key documented; it validates as it is."""
     examples = {**_EXAMPLES, "store.id": store_id}
-    blocks = [_HEADER]
+    scalars, tables, lists = [], [], []
+    # top-level keys first: after a [table] header they would land inside that table
     for name, field in GatewayConfig.model_fields.items():
         item = _item_model(field.annotation)
         if item is None:
-            blocks.append(_comment(field) + _key_line(name, field, name, examples))
+            scalars.append(_comment(field) + _key_line(name, field, name, examples))
         elif _is_sequence(field.annotation):
             doc = _comment(field, note=f"One [[{name}]] table each.")
-            blocks.append(doc + f"[[{name}]]\n" + _table_body(item, name, examples))
+            lists.append(f"{doc}[[{name}]]\n{_table_body(item, name, examples)}")
         else:
-            blocks.append(_comment_text(item.__doc__ or "") + f"[{name}]\n")
-            blocks[-1] += _table_body(item, name, examples)
-    return "\n".join(blocks)
+            doc = _comment_text(item.__doc__ or "")
+            tables.append(f"{doc}[{name}]\n{_table_body(item, name, examples)}")
+    return "\n".join([_HEADER, *scalars, *tables, *lists])
 
 
 def _table_body(model: type[BaseModel], prefix: str, examples: dict[str, Any]) -> str:

@@ -394,3 +394,19 @@ def test_subprocess_exit_codes(tmp_path: Path) -> None:
     assert bad.stderr.startswith(f"config error: {path}: store_bus.url: ")
     assert "Traceback" not in bad.stderr
     assert run("config", "bogus").returncode == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give the file to the service group")
+def test_init_as_root_gives_the_file_to_the_service_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import grp  # noqa: PLC0415 - POSIX only
+
+    group = next((g for g in grp.getgrall() if g.gr_gid != 0), None)
+    if group is None:
+        pytest.skip("no non-root group on this system")
+    monkeypatch.setattr(configfile, "SERVICE_GROUP", group.gr_name)
+    path = tmp_path / "gateway.toml"
+    assert ctl(path, "config", "init") == 0
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, group.gr_gid, 0o640)

@@ -165,6 +165,7 @@ class Gateway:
             for s, task in reversed(list(zip(self.components, tasks, strict=True))):
                 s.component.request_stop()
                 await task
+            await self.outbox.persist()
             self.db.request_stop()
             await writer
             maintenance.cancel()

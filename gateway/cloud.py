@@ -151,7 +151,7 @@ class CloudLink:
                 payload=payload[:200].decode(errors="replace"),
             )
             return
-        if await self.outbox.ack(through):
+        if self.outbox.ack(through):
             self.drainer.notify_acked()
 
     async def _replay(self, _cmd: Command, data: ReplayData) -> Outcome:

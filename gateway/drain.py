@@ -168,7 +168,7 @@ class Drainer:
         try:
             while True:
                 await asyncio.sleep(self.persist_every_s)
-                await self.outbox.persist_sent()
+                await self.outbox.persist()
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.outbox.persist_sent())
+                await asyncio.shield(self.outbox.persist())

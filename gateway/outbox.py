@@ -46,14 +46,13 @@ class Outbox:
         self.db = db
         self.acked_through = 0
         self.sent_through = 0
-        self._persisted_sent = 0
+        self._persisted = (0, 0)
 
     async def load(self) -> None:
         """Read the persisted watermarks."""
         self.acked_through = await self.db.meta("acked_through")
-        self.sent_through = self._persisted_sent = max(
-            await self.db.meta("sent_through"), self.acked_through
-        )
+        self.sent_through = max(await self.db.meta("sent_through"), self.acked_through)
+        self._persisted = (self.sent_through, self.acked_through)
 
     async def fetch_from(self, seq: int, limit: int) -> list[tuple[int, str]]:
         """Up to ``limit`` committed events with seq ≥ ``seq``, in seq order: (seq, body)."""
@@ -68,20 +67,15 @@ class Outbox:
         return int(row[0]) if row and row[0] is not None else None
 
     def mark_sent(self, through_seq: int) -> None:
-        """A broker PUBACKed events up to here (persisted lazily by :meth:`persist_sent`)."""
+        """A broker PUBACKed events up to here (persisted lazily by :meth:`persist`)."""
         self.sent_through = max(self.sent_through, through_seq)
 
-    async def persist_sent(self) -> None:
-        """Write the sent watermark if it moved (one tiny row; batched by the caller's cadence)."""
-        if self.sent_through > self._persisted_sent:
-            mark = self.sent_through
-            await self.db.submit(
-                Work(statements=[(_BUMP, (mark, "sent_through"))], refusable=False)
-            )
-            self._persisted_sent = mark
+    def ack(self, through_seq: int) -> bool:
+        """Apply a backend ack in memory; True when it moved the watermark forward.
 
-    async def ack(self, through_seq: int) -> bool:
-        """Apply a backend ack; returns True when it moved the watermark forward."""
+        Persisted by :meth:`persist` (about once a second): an ack lost in a crash only makes
+        the gateway send a few acknowledged events again, which the backend dedups.
+        """
         if through_seq <= self.acked_through:
             return False
         if through_seq > self.db.last_seq:
@@ -91,12 +85,20 @@ class Outbox:
                 last_seq=self.db.last_seq,
             )
             return False
-        await self.db.submit(
-            Work(statements=[(_BUMP, (through_seq, "acked_through"))], refusable=False)
-        )
-        self.acked_through = max(self.acked_through, through_seq)
-        self.sent_through = max(self.sent_through, self.acked_through)
+        self.acked_through = through_seq
+        self.sent_through = max(self.sent_through, through_seq)
         return True
+
+    async def persist(self) -> None:
+        """Write the sent/acked watermarks if they moved (one small commit)."""
+        marks = ((self.sent_through, "sent_through"), (self.acked_through, "acked_through"))
+        if (self.sent_through, self.acked_through) == self._persisted:
+            return
+        snapshot = (self.sent_through, self.acked_through)
+        await self.db.submit(
+            Work(statements=[(_BUMP, (value, key)) for value, key in marks], refusable=False)
+        )
+        self._persisted = snapshot
 
     async def stats(self) -> OutboxStats:
         """Current queue figures."""

@@ -174,6 +174,13 @@ class _Flow:
     booked: StatusInfo | None = None
 
 
+def _reraise_lost_cancellation() -> None:
+    """Python 3.11's TaskGroup drops a cancel that arrives while it unwinds a child's error."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def currency_code(alpha: str) -> int:
     """ISO 4217 numeric code of a supported alpha code; ValueError otherwise."""
     try:
@@ -257,6 +264,7 @@ class ZvtTerminal:
                     await self._connect_and_serve()
                 except* DeviceError as group:
                     self._went_down(group.exceptions[0])
+                _reraise_lost_cancellation()
                 if not self._closing:
                     await self._backoff.wait()
         finally:

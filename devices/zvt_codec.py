@@ -131,7 +131,7 @@ class FrameDecoder:
         self._state = _Rx.IDLE
         return FrameBad(reason)
 
-    def _step(self, byte: int) -> FrameEvent | None:  # noqa: PLR0911 - one branch per state
+    def _step(self, byte: int) -> FrameEvent | None:
         state = self._state
         if state is _Rx.IDLE:
             if byte == DLE:
@@ -590,10 +590,8 @@ def decode_intermediate(data: bytes) -> IntermediateStatus:
     elif 0x41 <= code <= 0x7F:
         base = _INTERMEDIATE.get(code - 0x40)
         step = "remove_card"
-        if base is None or base[0] == "remove_card":
-            text = "Please remove card"
-        else:
-            text = f"{base[1]}. Please remove card"
+        prefix = "" if base is None or base[0] == "remove_card" else f"{base[1]}. "
+        text = f"{prefix}Please remove card"
     else:
         step, text = "other", f"Status 0x{code:02X}"
     return IntermediateStatus(code, step, text, timeout)

@@ -46,6 +46,7 @@ class SimFaults:
     disconnect_at: Literal["card", "status_info"] | None = None  # one-shot; TCP transports only
     unmasked_pan: bool = False  # a faulty terminal: BMP 22 carries the full PAN
     refuse_abort: bool = False  # answer the ECR's 06 B0 with 84 83 00
+    reject: int | None = None  # answer every command with 84 <reject> 00
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,7 @@ class _Conn:
     close: Callable[[], None]
     inbox: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     ack: asyncio.Future[bool] | None = None
+    unplugged: bool = False  # after a simulated disconnect nothing more is heard or said
 
 
 class ZvtSimulator:
@@ -118,6 +120,7 @@ class ZvtSimulator:
         self._pty_task: asyncio.Task[None] | None = None
         self._fds: tuple[int, int] | None = None
         self.connections = 0
+        self._changed = asyncio.Event()
 
     # --- serving ------------------------------------------------------------------------------
 
@@ -209,12 +212,12 @@ class ZvtSimulator:
         decoder, splitter = codec.FrameDecoder(), codec.ApduSplitter()
         try:
             while data := await conn.reader.read(4096):
+                self._changed.set()
                 if framed:
                     self._feed_framed(conn, decoder, data)
                 elif not self.faults.silent:
                     for apdu in splitter.feed(data):
-                        self.received.append(apdu)
-                        conn.inbox.put_nowait(apdu)
+                        self._received(conn, apdu)
         except OSError:
             pass
         conn.inbox.put_nowait(_GONE)
@@ -222,7 +225,7 @@ class ZvtSimulator:
     def _feed_framed(self, conn: _Conn, decoder: codec.FrameDecoder, data: bytes) -> None:
         faults = self.faults
         for event in decoder.feed(data):
-            if faults.silent:
+            if faults.silent or conn.unplugged:
                 continue
             if isinstance(event, codec.Control):
                 if conn.ack is not None and not conn.ack.done():
@@ -237,17 +240,22 @@ class ZvtSimulator:
             else:
                 conn.write(bytes([codec.ACK]))
                 with contextlib.suppress(DeviceProtocolError):
-                    apdu = codec.decode_apdu(event.apdu)
-                    self.received.append(apdu)
-                    conn.inbox.put_nowait(apdu)
+                    self._received(conn, codec.decode_apdu(event.apdu))
 
-    async def _send(self, conn: _Conn, apdu: Apdu) -> None:
+    def _received(self, conn: _Conn, apdu: Apdu) -> None:
+        self.received.append(apdu)
+        conn.inbox.put_nowait(apdu)
+        self._changed.set()
+
+    async def _send(self, conn: _Conn, apdu: Apdu, *, wait_ack: bool = True) -> None:
         """Send one message; framed: wait T2 for ACK, repeat twice, then give up (connection)."""
         if self.faults.silent:
             return
         raw = apdu.encode()
-        if self.transport == "tcp":
-            conn.write(self.faults.garbage + raw)
+        if self.transport == "tcp" or not wait_ack:
+            conn.write(
+                self.faults.garbage + (raw if self.transport == "tcp" else codec.encode_frame(raw))
+            )
             return
         frame = codec.encode_frame(raw)
         for _ in range(3):
@@ -294,6 +302,7 @@ class ZvtSimulator:
 
     def _disconnect(self, conn: _Conn) -> NoReturn:
         self.faults.disconnect_at = None
+        conn.unplugged = True
         conn.close()
         raise _Gone
 
@@ -313,7 +322,9 @@ class ZvtSimulator:
             if apdu is None:
                 continue
             control = (apdu.cls, apdu.instr)
-            if control in handlers:
+            if self.faults.reject is not None and apdu.cls not in (0x80, 0x84):
+                await self._send(conn, Apdu(0x84, self.faults.reject))
+            elif control in handlers:
                 await handlers[control](conn, apdu)
             elif control == (0x06, 0x02):
                 await self._send(conn, codec.build_ack())
@@ -384,17 +395,23 @@ class ZvtSimulator:
     async def _book(self, conn: _Conn, entry: LedgerEntry) -> bool:
         """Send the 04 0F; the entry is booked only if the ECR acknowledges it within T3."""
         info = self._status_info(entry)
-        await self._send(conn, info)
-        if self.faults.disconnect_at == "status_info":
-            self.reversed.append(entry)
+        if self.faults.disconnect_at == "status_info":  # the line dies right after the 04 0F
+            await self._send(conn, info, wait_ack=False)
+            self._reverse(entry)
             self._disconnect(conn)
+        await self._send(conn, info)
         if not await self._await_ack(conn):
-            self.reversed.append(entry)
-            _log.info("zvt_sim.reversed", trace_no=entry.trace_no)
+            self._reverse(entry)
             return False
         self.ledger.append(entry)
         self._last_info = info
+        self._changed.set()
         return True
+
+    def _reverse(self, entry: LedgerEntry) -> None:
+        self.reversed.append(entry)
+        self._changed.set()
+        _log.info("zvt_sim.reversed", trace_no=entry.trace_no)
 
     def _status_info(self, entry: LedgerEntry) -> Apdu:
         now = dt.datetime.now()  # the terminal keeps local time
@@ -476,6 +493,13 @@ class ZvtSimulator:
 
         conn.inbox.put_nowait(_Push(push))
         return await done
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        """Wait until ``predicate()`` holds; re-checked whenever bytes arrive or the ledger changes."""
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
 
     def send_raw(self, data: bytes) -> None:
         """Write raw bytes to the ECR (garbage, half frames)."""

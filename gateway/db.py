@@ -284,13 +284,17 @@ class Database:
             type=type_, data=data, occurred_at=now_rfc3339(), clock=self.clock.label()
         )
 
-    async def submit(self, work: Work) -> Committed:
-        """Queue a unit of work and wait until it is durably committed (or raise StorageError)."""
+    def enqueue(self, work: Work) -> asyncio.Future[Committed]:
+        """Queue a unit of work now (commit order = enqueue order); await the future for it."""
         if self._stopping:
             raise StorageError("gateway is shutting down")
         future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(work, future))
-        return await future
+        return future
+
+    async def submit(self, work: Work) -> Committed:
+        """Queue a unit of work and wait until it is durably committed (or raise StorageError)."""
+        return await self.enqueue(work)
 
     def request_stop(self) -> None:
         """Finish what is queued, then end :meth:`run`."""

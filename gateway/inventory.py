@@ -2,7 +2,7 @@
 
 ``on_hand(sku) = base(sku) + Σ delta`` of local movements with seq > the snapshot's
 ``as_of_seq`` (movements at or below it are folded into the base and deleted when the snapshot
-is applied); ``reserved(sku) = Σ qty`` of open reservations; ``available = on_hand − reserved``.
+is applied); ``reserved(sku) = Σ qty`` of open reservations; ``available = on_hand - reserved``.
 Negative stock is allowed (a store sells what is physically there) and reported.
 
 Every change commits with its events in one unit of work. The in-memory cache is updated when
@@ -49,7 +49,7 @@ class StockItem:
 
     @property
     def available(self) -> int:
-        """on_hand − reserved (may be negative)."""
+        """on_hand - reserved (may be negative)."""
         return self.on_hand - self.reserved
 
     def as_json(self) -> dict[str, object]:
@@ -150,7 +150,7 @@ class Inventory:
             undo()
             raise
 
-    def _build(
+    def _build(  # noqa: PLR0917 - private; mirrors commit()'s keywords one to one
         self,
         events: Sequence[EventDraft],
         statements: Sequence[Statement],

@@ -217,23 +217,34 @@ class Database:
         return conn
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        version = await _scalar(conn, "PRAGMA user_version")
-        if version > len(MIGRATIONS):
-            raise DatabaseOpenError(
-                f"database {self.path} has schema {version}, newer than this gateway "
-                f"({len(MIGRATIONS)}); upgrade the gateway"
-            )
-        for step in range(version, len(MIGRATIONS)):
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                for stmt in _split_sql(MIGRATIONS[step]):
-                    await conn.execute(stmt)
-                await conn.execute(f"PRAGMA user_version={step + 1}")
-                await conn.execute("COMMIT")
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
-            log.info("database migrated", to_version=step + 1)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+        )
+        for component, steps in MIGRATIONS.items():
+            async with conn.execute(
+                "SELECT version FROM schema_versions WHERE component = ?", (component,)
+            ) as cur:
+                row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > len(steps):
+                raise DatabaseOpenError(
+                    f"database {self.path} has {component} schema {version}, newer than this "
+                    f"gateway ({len(steps)}); upgrade the gateway"
+                )
+            for step in range(version, len(steps)):
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for stmt in _split_sql(steps[step]):
+                        await conn.execute(stmt)
+                    await conn.execute(
+                        "INSERT OR REPLACE INTO schema_versions(component, version) VALUES (?, ?)",
+                        (component, step + 1),
+                    )
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    await conn.execute("ROLLBACK")
+                    raise
+                log.info("database migrated", component=component, to_version=step + 1)
 
     async def _check_integrity(self) -> None:
         result = await self.fetchone("PRAGMA quick_check")

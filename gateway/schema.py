@@ -1,12 +1,13 @@
-"""Database schema, one migration script per ``PRAGMA user_version`` step.
+"""Database schema: per component, an append-only list of migration scripts.
 
-Later steps are appended; a step never changes once released. Every business table that records a
-fact points at the seq of the outbox event that carries it, so state and event commit together.
+The version of each component is kept in ``schema_versions``; step N of a component runs once,
+in its own transaction. A step never changes once released: add a new one. Every business table
+that records a fact points at the seq of the outbox event that carries it.
 """
 
 from __future__ import annotations
 
-MIGRATIONS: tuple[str, ...] = (
+CORE: tuple[str, ...] = (
     # 1: the outbox, command replay cache, sales and inventory
     """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -61,3 +62,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX reservations_sku ON reservations(sku);
     """,
 )
+
+# Component name → its steps, applied in this order (core first). Add a component with one line.
+MIGRATIONS: dict[str, tuple[str, ...]] = {
+    "core": CORE,
+    # --- component migrations below (one entry per component) ---
+}

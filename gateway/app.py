@@ -23,9 +23,11 @@ from gateway.clock import ClockStatus, new_boot_id, now_rfc3339
 from gateway.cloud import CloudLink
 from gateway.commands import CommandDispatcher
 from gateway.config import GatewayConfig
-from gateway.db import Database
+from gateway.db import Database, Work
+from gateway.inventory import Inventory
 from gateway.outbox import Outbox
 from gateway.sdnotify import SdNotifier
+from gateway.services import installers
 from gateway.storebus import StoreBus
 
 log = structlog.get_logger(__name__)
@@ -60,6 +62,7 @@ class Gateway:
     clock: ClockStatus = field(init=False)
     db: Database = field(init=False)
     outbox: Outbox = field(init=False)
+    inventory: Inventory = field(init=False)
     dispatcher: CommandDispatcher = field(init=False)
     cloud: CloudLink = field(init=False)
     store_bus: StoreBus = field(init=False)
@@ -86,6 +89,8 @@ class Gateway:
         )
         self.outbox = Outbox(self.db)
         await self.outbox.load()
+        self.inventory = Inventory(self.db, stale_after_s=cfg.inventory.stale_after_s)
+        await self.inventory.load()
         self.dispatcher = CommandDispatcher(self.db, cfg.security, self.clock)
         self.cloud = CloudLink(
             cfg.cloud,
@@ -106,6 +111,17 @@ class Gateway:
             Supervised("cloud-link", self.cloud),
             Supervised("store-bus", self.store_bus),
         ]
+        for install in installers():
+            await install(self, stack)
+
+    async def device_status(
+        self, device_id: str, kind: str, state: str, detail: str | None = None
+    ) -> None:
+        """Commit a ``device.status`` event (bookkeeping: never refused for size)."""
+        data: dict[str, Any] = {"device_id": device_id, "kind": kind, "state": state}
+        if detail:
+            data["detail"] = detail
+        await self.db.submit(Work(events=[self.db.draft("device.status", data)], refusable=False))
 
     async def health(self) -> dict[str, Any]:
         """The cloud health message (also what ``gatewayctl status`` shows)."""

@@ -172,6 +172,7 @@ class _Flow:
     on_intermediate: IntermediateCallback | None = None
     on_status_info: StatusInfoCallback | None = None
     booked: StatusInfo | None = None
+    t4_s: float | None = None  # set by a 04 FF that carries a timeout
 
 
 def _reraise_lost_cancellation() -> None:
@@ -476,7 +477,8 @@ class ZvtTerminal:
             ending = None if completes else _Ending("completed")
             while ending is None:
                 if msg is None:
-                    msg = await self._next(link, inbox, self.settings.t4_s, "Completion or Abort")
+                    t4_s = flow.t4_s or self.settings.t4_s
+                    msg = await self._next(link, inbox, t4_s, "Completion or Abort")
                 ending = await self._step(link, msg, flow)
                 msg = None
             return ending
@@ -508,6 +510,8 @@ class ZvtTerminal:
         if control == (0x04, 0xFF):
             with contextlib.suppress(DeviceProtocolError):
                 status = self._decode(codec.decode_intermediate, msg)
+                if status.timeout_min:  # the terminal announces a lengthy step (PA00P015 3.7)
+                    flow.t4_s = status.timeout_min * 60.0
                 if flow.on_intermediate is not None:
                     await flow.on_intermediate(status)
         await link.send(codec.build_ack())

@@ -87,7 +87,7 @@ class Link:
             return
         frame = codec.encode_frame(apdu.encode())
         async with self._tx_lock:
-            naked = False
+            last_was_nak = False
             for attempt in range(3):
                 if attempt:
                     self._counts.retransmissions += 1
@@ -97,13 +97,13 @@ class Link:
                     async with asyncio.timeout(self._timing.t2_s):
                         if await self._ack:
                             return
-                    naked = True
+                    last_was_nak = True
                     self._counts.naks_received += 1
                 except TimeoutError:
-                    naked = False
+                    last_was_nak = False
                 finally:
                     self._ack = None
-            err_type = DeviceUnavailable if naked else DeviceTimeout
+            err_type = DeviceUnavailable if last_was_nak else DeviceTimeout
             err = err_type(f"frame {apdu} not acknowledged after 3 attempts")
             self.fail(err)
             raise err

@@ -43,7 +43,9 @@ class SimFaults:
     naks: int = 0  # answer the next N frames with NAK
     garbage: bytes = b""  # noise written before every outgoing message while set
     silent: bool = False  # ignore everything, answer nothing
-    disconnect_at: Literal["card", "status_info"] | None = None  # one-shot; TCP transports only
+    disconnect_at: Literal["card", "status_info", "completion"] | None = None  # one-shot; TCP
+    bad_status_info: bool = False  # append a BMP of unknown id and length to the next 04 0F
+    status_timeout_min: int | None = None  # 04 FF carry this <timeout> (sets the ECR's T4)
     unmasked_pan: bool = False  # a faulty terminal: BMP 22 carries the full PAN
     refuse_abort: bool = False  # answer the ECR's 06 B0 with 84 83 00
     reject: int | None = None  # answer every command with 84 <reject> 00
@@ -340,7 +342,9 @@ class ZvtSimulator:
         await self._say(conn, Apdu(0x06, 0x0F, data))
 
     async def _status(self, conn: _Conn, code: int) -> None:
-        await self._say(conn, Apdu(0x04, 0xFF, bytes([code])))
+        minutes = self.faults.status_timeout_min
+        timeout = b"" if minutes is None else codec.bcd_encode(minutes, 1)
+        await self._say(conn, Apdu(0x04, 0xFF, bytes([code]) + timeout))
 
     async def _wait_for_card(self, conn: _Conn) -> bool:
         """True when the card came; False when the ECR aborted (06 B0) meanwhile."""
@@ -376,6 +380,8 @@ class ZvtSimulator:
         if not await self._book(conn, entry):
             return
         await self._status(conn, 0x0B)
+        if self.faults.disconnect_at == "completion":
+            self._disconnect(conn)
         await self._say(conn, Apdu(0x06, 0x0F) if approved else Apdu(0x06, 0x1E, b"\x05"))
 
     def _entry(
@@ -395,6 +401,9 @@ class ZvtSimulator:
     async def _book(self, conn: _Conn, entry: LedgerEntry) -> bool:
         """Send the 04 0F; the entry is booked only if the ECR acknowledges it within T3."""
         info = self._status_info(entry)
+        if self.faults.bad_status_info:
+            self.faults.bad_status_info = False
+            info = Apdu(0x04, 0x0F, info.data + b"\x7f\x01")
         if self.faults.disconnect_at == "status_info":  # the line dies right after the 04 0F
             await self._send(conn, info, wait_ack=False)
             self._reverse(entry)

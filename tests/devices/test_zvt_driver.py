@@ -11,7 +11,7 @@ import pydantic
 import pytest
 from structlog.testing import capture_logs
 
-from devices.errors import DeviceRejected, DeviceTimeout, DeviceUnavailable
+from devices.errors import DeviceProtocolError, DeviceRejected, DeviceTimeout, DeviceUnavailable
 from devices.sim.zvt_sim import LedgerEntry, ZvtSimulator
 from devices.zvt import (
     TerminalBusy,
@@ -209,6 +209,14 @@ async def test_slow_card_intermediate_statuses_reset_t4() -> None:
         assert len(sim.ledger) == 1
 
 
+async def test_intermediate_status_timeout_byte_sets_t4() -> None:
+    async with simulator() as sim, running(sim, t4_s=0.3) as h:
+        sim.faults.card_delay_s = 0.8
+        sim.faults.status_timeout_min = 1  # "this may take a minute": T4 becomes 60 s
+        assert (await h.pay()).outcome == "completed"
+        assert h.intermediate[0].timeout_min == 1
+
+
 async def test_slow_card_without_statuses_hits_t4_then_recovers() -> None:
     async with simulator() as sim, running(sim, t4_s=0.4) as h:
         sim.faults.card_delay_s = 1.0
@@ -265,7 +273,7 @@ async def test_garbage_is_discarded_and_counted(transport: str) -> None:
         assert (await h.term.status_enquiry()).ready
 
 
-@pytest.mark.parametrize("transport", ["socket", "tcp"])
+@pytest.mark.parametrize("transport", ["pty", "socket", "tcp"])
 async def test_silence_times_out_goes_offline_and_recovers(transport: str) -> None:
     with capture_logs() as logs:
         async with simulator(transport) as sim, running(sim) as h:
@@ -336,6 +344,30 @@ async def test_commit_point_callback_raising_means_no_ack_and_no_booking() -> No
         assert [e.amount_minor for e in sim.reversed] == [500]
         assert h.unsolicited == []
         assert not h.term.busy
+        assert (await h.pay()).outcome == "completed"
+
+
+async def test_completion_lost_after_the_ack_is_outcome_timeout_and_booked() -> None:
+    async with simulator("tcp") as sim, running(sim) as h:
+        sim.faults.disconnect_at = "completion"
+        result = await h.pay(990)
+        assert result.outcome == "timeout"
+        assert result.status_info is not None
+        assert result.status_info.amount_minor == 990
+        assert [e.amount_minor for e in sim.ledger] == [990]
+        await h.wait_state(DeviceState.OFFLINE)
+        await h.wait_state(DeviceState.ONLINE)
+
+
+async def test_malformed_status_info_is_a_protocol_error_and_not_acknowledged() -> None:
+    async with simulator() as sim, running(sim) as h:
+        sim.faults.bad_status_info = True
+        with pytest.raises(DeviceProtocolError, match="7F"):
+            await h.pay()
+        await sim.wait_for(lambda: bool(sim.reversed))
+        assert sim.ledger == []
+        assert h.infos == []
+        assert h.term.counters.protocol_errors == 1
         assert (await h.pay()).outcome == "completed"
 
 

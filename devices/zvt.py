@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Self, TypeVar
@@ -47,7 +46,6 @@ CURRENCIES: dict[str, int] = {
 }  # fmt: skip
 
 _T = TypeVar("_T")
-_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ZvtSettings(BaseModel):
@@ -56,7 +54,8 @@ class ZvtSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     id: str = Field(
-        description="Terminal id used in logs, health and device.status (A-Z a-z 0-9 _ . -)."
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Terminal id used in logs, health and device.status (A-Z a-z 0-9 _ . -).",
     )
     endpoint: str = Field(
         description="Serial device path (/dev/ttyUSB0, /dev/serial/by-id/...), socket://host:port "
@@ -88,13 +87,6 @@ class ZvtSettings(BaseModel):
         default=180, gt=0, description="Wait for Completion/Abort; reset by every 04 FF and 04 0F."
     )
     connect_timeout_s: float = Field(default=5, gt=0, description="Opening the endpoint.")
-
-    @field_validator("id")
-    @classmethod
-    def _check_id(cls, value: str) -> str:
-        if not _ID_RE.fullmatch(value):
-            raise ValueError("must be 1-64 characters of A-Z a-z 0-9 _ . -")
-        return value
 
     @field_validator("endpoint")
     @classmethod
@@ -563,8 +555,9 @@ class ZvtTerminal:
         """Run a payment; ``on_status_info`` is awaited before the 04 0F is acknowledged.
 
         That acknowledgement is the commit point: if the callback raises, nothing is acknowledged,
-        the terminal reverses, and the exception propagates. ValueError for an amount outside
-        1..999999999999 or an unsupported currency.
+        the terminal reverses, and the exception propagates (the same holds for
+        ``on_intermediate``). ValueError for an amount outside 1..999999999999 or an unsupported
+        currency.
         """
         command = codec.build_authorization(amount_minor, currency_code(currency))
         return await self._transaction(command, on_status_info, on_intermediate)

@@ -208,12 +208,16 @@ class Database:
     @staticmethod
     async def _connect(path: Path) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(path, isolation_level=None)
-        await conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on the platter before we acknowledge it (NORMAL lost acked commits
-        # in power-cut simulations; see docs/RELIABILITY.md).
-        await conn.execute("PRAGMA synchronous=FULL")
-        await conn.execute("PRAGMA busy_timeout=5000")
-        await conn.execute("PRAGMA foreign_keys=ON")
+        try:
+            await conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on the platter before we acknowledge it (NORMAL lost acked
+            # commits in power-cut simulations; see docs/RELIABILITY.md).
+            await conn.execute("PRAGMA synchronous=FULL")
+            await conn.execute("PRAGMA busy_timeout=5000")
+            await conn.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            await conn.close()  # its worker thread would otherwise keep the process alive
+            raise
         return conn
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:

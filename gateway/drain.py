@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from gateway.crashpoints import crash_point
 from gateway.outbox import Outbox
 
 log = structlog.get_logger(__name__)
@@ -151,6 +152,7 @@ class Drainer:
             await publish(batch.payload)
         finally:
             window.release()
+        crash_point("after-publish")  # PUBACKed, not yet marked sent
         self.messages_sent += 1
         self.outbox.mark_sent(batch.last_seq)
 

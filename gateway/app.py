@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,6 +33,9 @@ from gateway.storebus import StoreBus
 log = structlog.get_logger(__name__)
 
 MAINTENANCE_INTERVAL_S = 30.0
+
+
+Action = Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]
 
 
 class Component(Protocol):
@@ -68,6 +71,8 @@ class Gateway:
     store_bus: StoreBus = field(init=False)
     components: list[Supervised] = field(default_factory=list)
     extra_health: list[Callable[[], dict[str, Any]]] = field(default_factory=list)
+    # Technician actions served by the control socket: name → handler(args, peer uid) → reply.
+    actions: dict[str, Action] = field(default_factory=dict)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 

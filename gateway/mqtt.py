@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -173,6 +174,8 @@ class MqttLink:
             "timeout": s.connect_timeout_s,
             "max_inflight_messages": 0,  # unlimited in paho: the application caps its window
             "max_queued_incoming_messages": 10000,
+            # request/reply over QoS 1: without it Nagle meets delayed ACKs (~40 ms per hop)
+            "socket_options": ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         }
         if v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]

@@ -70,6 +70,12 @@ class Reservation:
     items: tuple[tuple[str, int], ...]  # (sku, qty)
 
 
+def _undo_unless_committed(future: asyncio.Future[Committed], undo: Callable[[], None]) -> None:
+    """Done callback: roll the cache back when the work did not commit."""
+    if future.cancelled() or future.exception() is not None:
+        undo()
+
+
 class Inventory:
     """The stock model and the only writer of stock tables (see module docstring)."""
 
@@ -145,9 +151,14 @@ class Inventory:
             work, undo = self._build(events, statements, moves, reserve, release, refusable)
             future = self.db.enqueue(work)
         try:
-            return await future
+            # shielded: a cancelled caller (e.g. its link dropped) must not withdraw work the
+            # cache already counts; the commit goes ahead and a failure still undoes the cache
+            return await asyncio.shield(future)
         except StorageError:
             undo()
+            raise
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda f: _undo_unless_committed(f, undo))
             raise
 
     def _build(  # noqa: PLR0917 - private; mirrors commit()'s keywords one to one

@@ -332,7 +332,17 @@ class Database:
                     break
                 batch.append(nxt)
                 rows += _cost(nxt.work)
-            await self._commit_batch(batch)
+            try:
+                await self._commit_batch(batch)
+            except asyncio.CancelledError:
+                # The commit may or may not have happened: answer "unknown", never "done".
+                # A sender retries with the same idempotency key and learns the original outcome.
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(
+                            StorageError("writer stopped mid-commit; outcome unknown")
+                        )
+                raise
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         batch = [p for p in batch if not p.future.done()]  # a cancelled producer gave up

@@ -118,21 +118,23 @@ class Outbox:
         )
 
     async def prune(self, *, retention_s: float, force: bool = False) -> int:
-        """Delete acked events older than the retention (all acked ones when ``force``)."""
+        """Delete acked events older than the retention (all acked ones when ``force``).
+
+        The ack watermark is written in the same transaction as the delete, so the database
+        never holds "not acknowledged" for an event it no longer has.
+        """
         cutoff = time.time() if force else time.time() - retention_s
+        acked = self.acked_through
         before = await self.db.fetchone(
-            "SELECT count(*) FROM events WHERE seq <= ? AND created_at < ?",
-            (self.acked_through, cutoff),
+            "SELECT count(*) FROM events WHERE seq <= ? AND created_at < ?", (acked, cutoff)
         )
         n = int(before[0]) if before else 0
         if n:
             await self.db.submit(
                 Work(
                     statements=[
-                        (
-                            "DELETE FROM events WHERE seq <= ? AND created_at < ?",
-                            (self.acked_through, cutoff),
-                        )
+                        (_BUMP, (acked, "acked_through")),
+                        ("DELETE FROM events WHERE seq <= ? AND created_at < ?", (acked, cutoff)),
                     ],
                     refusable=False,
                 )

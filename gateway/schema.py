@@ -67,4 +67,8 @@ CORE: tuple[str, ...] = (
 MIGRATIONS: dict[str, tuple[str, ...]] = {
     "core": CORE,
     # --- component migrations below (one entry per component) ---
+    "inventory_sync": (
+        "CREATE TABLE snapshots_applied (snapshot_id TEXT PRIMARY KEY, as_of_seq INTEGER NOT NULL,"
+        " parts INTEGER NOT NULL, applied_at REAL NOT NULL) WITHOUT ROWID",
+    ),
 }

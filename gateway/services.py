@@ -19,4 +19,6 @@ Installer = Callable[["Gateway", AsyncExitStack], Awaitable[None]]
 
 def installers() -> tuple[Installer, ...]:
     """The services, in start order (imported here so the registry is one explicit list)."""
-    return ()
+    from gateway import inventory_sync, pos  # noqa: PLC0415 - the registry is this one function
+
+    return (pos.install, inventory_sync.install)

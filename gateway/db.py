@@ -142,6 +142,7 @@ class Database:
         self._used_bytes = 0
         self._page_size = 4096
         self._last_error: str | None = None
+        self._needs_reopen = False
         self._commit_listeners: list[Callable[[int], None]] = []
         self.commits = 0
 
@@ -345,12 +346,7 @@ class Database:
                 raise
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
-        batch = [p for p in batch if not p.future.done()]  # a cancelled producer gave up
-        if self._full():
-            for p in batch:
-                if p.work.refusable:
-                    p.future.set_exception(StorageFull(self._full_reason()))
-            batch = [p for p in batch if not p.future.done()]
+        batch = await self._admissible(batch)
         if not batch:
             return
         try:
@@ -374,6 +370,22 @@ class Database:
         if any(r.seqs for r in results):
             for listener in self._commit_listeners:
                 listener(self._last_seq)
+
+    async def _admissible(self, batch: list[_Pending]) -> list[_Pending]:
+        """Drop given-up units, recover the connection, refuse refusable work when full."""
+        batch = [p for p in batch if not p.future.done()]  # a cancelled producer gave up
+        if self._needs_reopen:
+            try:
+                await self._reopen_writer()
+            except (sqlite3.Error, OSError, DatabaseOpenError) as err:
+                self._fail(batch, sqlite3.OperationalError(f"database unavailable: {err}"))
+                return []
+        if self._full():
+            reason = self._full_reason()
+            for p in batch:
+                if p.work.refusable:
+                    p.future.set_exception(StorageFull(reason))
+        return [p for p in batch if not p.future.done()]
 
     async def _write(self, batch: list[_Pending]) -> tuple[list[Committed], int]:
         conn = self._writer
@@ -427,9 +439,31 @@ class Database:
         }
         return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
 
+    async def _reopen_writer(self) -> None:
+        """After an I/O error: new connection, integrity check, seq reloaded from disk."""
+        if self._writer is not None:
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await self._writer.close()
+            self._writer = None
+        self._writer = await self._connect(self.path)
+        async with self._writer.execute("PRAGMA quick_check") as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] != "ok":
+            raise DatabaseOpenError(f"integrity check failed after I/O error: {row}")
+        async with self._writer.execute("SELECT value FROM meta WHERE key = 'last_seq'") as cur:
+            seq_row = await cur.fetchone()
+        # A commit that reported an error may still have reached the disk: never reuse its seqs.
+        self._last_seq = int(seq_row[0]) if seq_row else self._last_seq
+        self._needs_reopen = False
+        log.warning(
+            "database reopened after an I/O error; integrity check ok", last_seq=self._last_seq
+        )
+
     def _fail(self, batch: Iterable[_Pending], err: sqlite3.Error) -> None:
         text = str(err)
         self._last_error = text
+        if "i/o error" in text.lower() or "malformed" in text.lower():
+            self._needs_reopen = True
         full = "full" in text.lower()
         exc: StorageError = StorageFull(f"disk full: {text}") if full else StorageError(text)
         log.error("commit failed; nothing in it was acknowledged", error=text, full=full)

@@ -69,6 +69,7 @@ class RecordingBackend:
         ack: bool = True,
         signing_key: Ed25519PrivateKey | None = None,
         client_id: str | None = None,
+        replay_on_reconnect: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -76,6 +77,7 @@ class RecordingBackend:
         self.ack_enabled = ack
         self.signing_key = signing_key
         self.client_id = client_id or f"backend-{uuid7()[-12:]}"
+        self.replay_on_reconnect = replay_on_reconnect
         self.record = BackendRecord()
         self.base = f"retail/v1/{store_id}"
         self._client: aiomqtt.Client | None = None
@@ -109,7 +111,7 @@ class RecordingBackend:
                     await client.subscribe(f"{self.base}/#", qos=1)
                     self._client = client
                     self._connected.set()
-                    if not first and self.record.contiguous:
+                    if not first and self.record.contiguous and self.replay_on_reconnect:
                         await self.send_command(
                             "events.replay", {"from_seq": self.record.contiguous + 1}
                         )

@@ -58,6 +58,7 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = workdir / f"mosquitto-{self.port}.conf"
         self.log = workdir / f"mosquitto-{self.port}.log"
+        self.protocol = "5"
 
     @property
     def url(self) -> str:
@@ -92,6 +93,75 @@ class Broker:
         """Kill and start again, empty, on the same port."""
         self.kill()
         self.start()
+
+
+NATS = shutil.which("nats-server")
+
+
+class NatsBroker:
+    """NATS server's MQTT front end (JetStream on), the second broker implementation."""
+
+    protocol = "3.1.1"  # nats-server 2.9 speaks MQTT 3.1.1 only
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.nats_port = free_port()
+        self.store = workdir / f"nats-{self.port}"
+        self.conf = workdir / f"nats-{self.port}.conf"
+        self.log = workdir / f"nats-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """mqtt://127.0.0.1:port"""
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsBroker:
+        """Start on the same ports; empty (its JetStream store is wiped)."""
+        assert NATS is not None
+        shutil.rmtree(self.store, ignore_errors=True)
+        self.conf.write_text(
+            f"listen: 127.0.0.1:{self.nats_port}\nserver_name: n{self.port}\n"
+            f'jetstream {{ store_dir: "{self.store}" }}\nmqtt {{ listen: 127.0.0.1:{self.port} }}\n'
+        )
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([NATS, "-c", str(self.conf)], stdout=log, stderr=log)
+        wait_port(self.port)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> None:
+        """Kill and start again, empty."""
+        self.kill()
+        self.start()
+
+
+@pytest.fixture(params=["mosquitto-v5", "mosquitto-v3.1.1", "nats-v3.1.1"])
+def any_cloud_broker(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Broker | NatsBroker]:
+    """The cloud broker, once per implementation and protocol the gateway must work with."""
+    kind, _, protocol = str(request.param).partition("-v")
+    broker: Broker | NatsBroker
+    if kind == "nats":
+        if NATS is None:
+            pytest.skip("nats-server is not installed (apt-get install nats-server)")
+        broker = NatsBroker(tmp_path)
+    else:
+        if MOSQUITTO is None:
+            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        broker = Broker(tmp_path)
+        broker.protocol = protocol
+    broker.start()
+    yield broker
+    broker.kill()
 
 
 @pytest.fixture

@@ -331,5 +331,11 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+# The operations subcommands (status, devices, locker, payment, outbox) register themselves.
+from gateway import ctl_ops  # noqa: E402, F401
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # run the registry of gateway.ctl, which ctl_ops filled, not the copy named __main__
+    from gateway.ctl import main as _main
+
+    raise SystemExit(_main())

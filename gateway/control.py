@@ -14,7 +14,8 @@ Error codes: ``bad-json``, ``bad-request`` (not an object, missing or extra keys
 Built-in actions, all read-only: ``status``, ``outbox.stats``, ``outbox.list`` (``limit``),
 ``devices``. Services add theirs to ``Gateway.actions`` as ``handler(args, uid) -> dict``; a
 handler reports bad arguments with ``ValueError`` (pydantic's ``ValidationError`` is one) and a
-refusal with :class:`ActionError`. Names in :data:`READ_ONLY_ACTIONS` are marked read-only in
+refusal with :class:`ActionError` or by returning ``{"ok": false, "error": {"code", "message"}}``
+(both become an error reply). Names in :data:`READ_ONLY_ACTIONS` are marked read-only in
 the audit line; every other action is assumed to change something.
 
 Audit: every request naming an action is logged (``control action``: action, uid and pid from
@@ -358,8 +359,11 @@ class ControlServer:
             audit.exception("control action crashed")
             code, message = "internal", f"{type(err).__name__}: {err}"
         else:
-            audit.info("control action done", ok=True, ms=_ms_since(started))
-            return reply_ok(req.id, result)
+            refusal = _refusal(result)
+            if refusal is None:
+                audit.info("control action done", ok=True, ms=_ms_since(started))
+                return reply_ok(req.id, result)
+            code, message = refusal
         audit.info("control action done", ok=False, code=code, error=message, ms=_ms_since(started))
         return reply_error(req.id, code, message)
 
@@ -402,6 +406,14 @@ def _peer(writer: asyncio.StreamWriter) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return Peer(pid=pid, uid=uid, gid=gid)
+
+
+def _refusal(result: dict[str, Any]) -> tuple[str, str] | None:
+    """``(code, message)`` when a handler returned ``{"ok": false, "error": {...}}``."""
+    error = result.get("error") if isinstance(result, dict) else None
+    if not isinstance(result, dict) or result.get("ok") is not False or not isinstance(error, dict):
+        return None
+    return str(error.get("code", "failed")), str(error.get("message", "the action failed"))
 
 
 def _first_error(err: ValidationError) -> str:

@@ -270,12 +270,22 @@ async def test_action_failures_become_error_codes(
     async def buggy(_args: dict[str, Any], _uid: int) -> dict[str, Any]:
         return {}["missing"]  # type: ignore[no-any-return]
 
+    async def says_no(_args: dict[str, Any], _uid: int) -> dict[str, Any]:
+        return {"ok": False, "error": {"code": "not-in-doubt", "message": "settled meanwhile"}}
+
     async def slow(_args: dict[str, Any], _uid: int) -> dict[str, Any]:
         await asyncio.Event().wait()
         return {}
 
     gw.actions.update(
-        {"t.refuse": refuse, "t.bad": bad, "t.offline": offline, "t.bug": buggy, "t.slow": slow}
+        {
+            "t.refuse": refuse,
+            "t.bad": bad,
+            "t.offline": offline,
+            "t.bug": buggy,
+            "t.slow": slow,
+            "t.says_no": says_no,
+        }
     )
     server_of(gw).action_timeout_s = 0.2
     expected = {
@@ -284,6 +294,7 @@ async def test_action_failures_become_error_codes(
         "t.offline": "unavailable",
         "t.bug": "internal",
         "t.slow": "timeout",
+        "t.says_no": "not-in-doubt",
     }
     for action, code in expected.items():
         reply = await client.call(action)

@@ -3,8 +3,10 @@ devices discover, locker/payment actions, outbox stats/list; exit codes 0/1/2/69
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
+import io
 import json
 import os
 import socket
@@ -16,10 +18,11 @@ from typing import Any
 
 import pytest
 
+from gateway import ctl_ops
 from gateway.app import Gateway
 from gateway.config import GatewayConfig
 from gateway.control import ActionError
-from gateway.ctl import main
+from gateway.ctl import Context, main
 from gateway.discovery import Discovery
 from tests.conftest import make_config_dict
 from tests.daemon import REPO, Daemon, write_config
@@ -361,3 +364,24 @@ def test_subprocess_status_running_then_stopped(cfg_path: Path) -> None:
         assert "Traceback" not in result.stderr
     finally:
         daemon.kill()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_discover_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    problem = _multicast_problem()
+    if problem:
+        pytest.skip(problem)
+    tty, out = _Terminal(), io.StringIO()
+    ctx = Context(tmp_path / "unused.toml", out, tty)
+    args = argparse.Namespace(timeout=0.6, json=False)
+    assert await asyncio.to_thread(ctl_ops.devices_discover, ctx, args) == 0
+    assert "listening for gateways and brokers" in tty.getvalue()
+    assert tty.getvalue().endswith("\r\033[K")  # the progress line is wiped at the end
+    piped = io.StringIO()
+    ctx = Context(tmp_path / "unused.toml", io.StringIO(), piped)
+    assert await asyncio.to_thread(ctl_ops.devices_discover, ctx, args) == 0
+    assert piped.getvalue() == ""

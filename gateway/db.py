@@ -269,7 +269,8 @@ class Database:
         """All rows of a read query on committed data."""
         try:
             async with self.reader.execute(sql, params) as cur:
-                return [tuple(r) for r in await cur.fetchall()]
+                rows: list[Row] = list(await cur.fetchall())  # type: ignore[arg-type]  # tuples already
+                return rows
         except sqlite3.Error as err:
             raise StorageError(f"read failed: {err}") from err
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -38,25 +38,27 @@ class Batch:
     payload: bytes
 
 
-def make_batches(rows: list[tuple[int, str]], max_batch: int) -> Iterator[Batch]:
-    """Cut (seq, body) rows into messages of ≤ max_batch envelopes and ≤ 128 KiB."""
+def make_batches(rows: Sequence[tuple[int, str]], max_batch: int) -> Iterator[Batch]:
+    """Cut consecutive (seq, body) rows into messages of ≤ max_batch envelopes and ≤ 128 KiB."""
     limit = MAX_MESSAGE_BYTES - len(_HEAD) - len(_TAIL)
-    parts: list[bytes] = []
-    size = 0
-    first = 0
-    for seq, body in rows:
-        data = body.encode()
-        extra = len(data) + (1 if parts else 0)
-        if parts and (len(parts) >= max_batch or size + extra > limit):
-            yield Batch(first, first + len(parts) - 1, _HEAD + b",".join(parts) + _TAIL)
-            parts, size = [], 0
-            extra = len(data)
-        if not parts:
-            first = seq
-        parts.append(data)
-        size += extra
-    if parts:
-        yield Batch(first, first + len(parts) - 1, _HEAD + b",".join(parts) + _TAIL)
+    start = 0
+    while start < len(rows):
+        chunk = rows[start : start + max_batch]
+        body = ",".join(r[1] for r in chunk).encode()
+        if len(body) <= limit:  # the common case: one join, one encode per message
+            yield Batch(chunk[0][0], chunk[-1][0], _HEAD + body + _TAIL)
+            start += len(chunk)
+            continue
+        parts: list[bytes] = []
+        size = 0
+        for _seq, text in chunk:  # too big: take as many envelopes as fit (at least one)
+            data = text.encode()
+            if parts and size + len(data) + 1 > limit:
+                break
+            size += len(data) + (1 if parts else 0)
+            parts.append(data)
+        yield Batch(chunk[0][0], chunk[0][0] + len(parts) - 1, _HEAD + b",".join(parts) + _TAIL)
+        start += len(parts)
 
 
 class _RateLimiter:
@@ -88,7 +90,7 @@ class Drainer:
         max_batch: int = 100,
         resend_after_s: float = 60.0,
         max_publish_rate: float | None = None,
-        read_ahead: int = 1000,
+        read_ahead: int = 2000,
         persist_every_s: float = 1.0,
     ) -> None:
         self.outbox = outbox
@@ -129,14 +131,26 @@ class Drainer:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._resend_watch(), name="drain-resend")
             tg.create_task(self._persist_loop(), name="drain-persist")
+            prefetch: asyncio.Task[list[tuple[int, str]]] | None = None
             while True:
                 if self._rewind_to is not None:
                     cursor, self._rewind_to = self._rewind_to, None
+                    if prefetch is not None:
+                        prefetch.cancel()
+                        prefetch = None
                 self._wake.clear()
-                rows = await self.outbox.fetch_from(cursor, self.read_ahead)
+                if prefetch is not None:
+                    rows = await prefetch
+                    prefetch = None
+                else:
+                    rows = await self.outbox.fetch_from(cursor, self.read_ahead)
                 if not rows:
                     await self._wake.wait()
                     continue
+                if len(rows) == self.read_ahead:  # a backlog: read the next page while sending
+                    prefetch = tg.create_task(
+                        self.outbox.fetch_from(rows[-1][0] + 1, self.read_ahead)
+                    )
                 cursor = rows[0][0]
                 for batch in make_batches(rows, self.max_batch):
                     if self._rewind_to is not None:

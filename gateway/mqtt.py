@@ -197,6 +197,8 @@ class MqttLink:
 
     async def _connect_and_serve(self) -> None:
         client = aiomqtt.Client(**self._client_kwargs())
+        # Many publishes awaiting PUBACK is our design (the drain window), not a symptom.
+        client.pending_calls_threshold = 100_000
         async with client:
             for topic in self.subscriptions:
                 await client.subscribe(topic, qos=1, timeout=self._op_timeout_s)

@@ -59,7 +59,7 @@ class Outbox:
         rows = await self.db.fetchall(
             "SELECT seq, body FROM events WHERE seq >= ? ORDER BY seq LIMIT ?", (seq, limit)
         )
-        return [(int(r[0]), str(r[1])) for r in rows]
+        return rows  # (INTEGER, TEXT) columns arrive as (int, str) already
 
     async def first_held_seq(self) -> int | None:
         """The lowest seq still in the database."""

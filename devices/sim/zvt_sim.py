@@ -49,6 +49,9 @@ class SimFaults:
     unmasked_pan: bool = False  # a faulty terminal: BMP 22 carries the full PAN
     refuse_abort: bool = False  # answer the ECR's 06 B0 with 84 83 00
     reject: int | None = None  # answer every command with 84 <reject> 00
+    # one-shot: after the next Registration's 80 00 00, finish a transaction of this amount that
+    # was started before the ECR came back (04 0F, booked only if acknowledged)
+    finish_at_registration: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +80,7 @@ class _Push:
     run: Callable[[_Conn], Awaitable[None]]
 
 
-_PAN = "5413330089601234"
+_PAN = "5413330089681234"  # Luhn-valid, so leak scans can find it
 _MASKED_PAN = "541333******1234"
 
 
@@ -338,6 +341,9 @@ class ZvtSimulator:
 
     async def _registration(self, conn: _Conn, apdu: Apdu) -> None:
         await self._send(conn, codec.build_ack())
+        if (amount := self.faults.finish_at_registration) is not None:
+            self.faults.finish_at_registration = None
+            await self._book(conn, self._entry("authorization", amount, 0, True))
         data = b"\x19\x00\x29" + codec.bcd_encode(int(self._tid), 4) + b"\x49\x09\x78"
         await self._say(conn, Apdu(0x06, 0x0F, data))
 

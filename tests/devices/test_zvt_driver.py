@@ -446,7 +446,7 @@ async def test_unmasked_pan_never_leaves_the_driver() -> None:
             result = await h.pay()
     assert result.status_info is not None
     assert result.status_info.masked_pan == "************1234"
-    assert "5413330089601234" not in repr(result) + repr(logs) + repr(h.infos)
+    assert "5413330089681234" not in repr(result) + repr(logs) + repr(h.infos)
 
 
 async def test_operations_while_offline_fail_fast() -> None:

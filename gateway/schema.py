@@ -67,6 +67,32 @@ CORE: tuple[str, ...] = (
 MIGRATIONS: dict[str, tuple[str, ...]] = {
     "core": CORE,
     # --- component migrations below (one entry per component) ---
+    "payments": (  # 1: card payments (gateway/payments.py), one row per request_id
+        """
+        CREATE TABLE payments (
+            request_id TEXT PRIMARY KEY,
+            till TEXT NOT NULL,             -- POS terminal the request came from
+            device_id TEXT NOT NULL,        -- payment terminal it ran on
+            kind TEXT NOT NULL,             -- purchase | reversal
+            amount_minor INTEGER NOT NULL,
+            currency TEXT NOT NULL,
+            reversal_of TEXT,
+            original_receipt_no INTEGER,
+            state TEXT NOT NULL,            -- authorizing | confirming | approved | declined |
+                                            -- aborted | failed | in_doubt
+            receipt TEXT,                   -- kept part of its 04 0F (masked PAN only), JSON
+            result TEXT,                    -- the final payment/result body, JSON
+            recheck INTEGER NOT NULL DEFAULT 0,  -- in_doubt that asking the terminal may settle
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            seq INTEGER,                    -- seq of its payment.completed event
+            resolved_seq INTEGER            -- seq of its payment.resolved event
+        ) WITHOUT ROWID;
+        CREATE INDEX payments_unsettled ON payments(state)
+            WHERE state IN ('authorizing', 'confirming', 'in_doubt');
+        CREATE INDEX payments_reversal_of ON payments(reversal_of) WHERE reversal_of IS NOT NULL;
+        """,
+    ),
     "inventory_sync": (
         "CREATE TABLE snapshots_applied (snapshot_id TEXT PRIMARY KEY, as_of_seq INTEGER NOT NULL,"
         " parts INTEGER NOT NULL, applied_at REAL NOT NULL) WITHOUT ROWID",

@@ -1,0 +1,72 @@
+"""Terminal operations beside payments: end-of-day (cloud command) and the technician's status.
+
+Both take the terminal's slot, so they never interleave with a payment or its recovery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import structlog
+
+from devices.errors import DeviceError
+from devices.zvt_codec import StatusInfo
+from gateway.clock import now_rfc3339
+from gateway.db import Database, Work
+from gateway.errors import StorageError
+from gateway.linkstate import DeviceState
+from gateway.payment_records import end_of_day_data
+from gateway.payment_terminal import Terminal
+
+log = structlog.get_logger(__name__)
+
+
+async def end_of_day(term: Terminal, db: Database) -> None:
+    """Run End-of-Day once the terminal is free and online (≤ T4); commit payment.end_of_day."""
+    info: StatusInfo | None = None
+    code: int | None = None
+    error: str | None = None
+    await term.slot.take("end_of_day")
+    try:
+        if not await term.wait_until(lambda: term.online_after(0), term.settings.t4_s):
+            error = "terminal-offline"
+        else:
+            result = await term.driver.end_of_day()
+            info = result.status_info
+            code = info.result_code if info is not None else result.abort_code
+    except DeviceError as err:
+        log.warning("payment.end_of_day_failed", device_id=term.id, error=str(err))
+        error = "terminal-error"
+    finally:
+        term.slot.release()
+    data = end_of_day_data(term.id, now_rfc3339(), info, code, error)
+    try:
+        await db.submit(Work(events=[db.draft("payment.end_of_day", data)], refusable=False))
+    except StorageError as err:
+        log.error("payment.end_of_day_not_committed", device_id=term.id, error=str(err))
+        return
+    log.info("payment.end_of_day", device_id=term.id, result_code=code, error=error)
+
+
+async def terminal_status(term: Terminal) -> dict[str, Any]:
+    """State, counters and, when the terminal is online and free, a Status enquiry."""
+    entry: dict[str, Any] = {
+        "device_id": term.id,
+        "state": term.driver.state.value,
+        "busy_with": term.slot.holder,
+        "counters": dataclasses.asdict(term.driver.counters),
+    }
+    if term.driver.state is DeviceState.ONLINE and term.slot.try_take("status"):
+        try:
+            status = await term.driver.status_enquiry()
+            entry |= {
+                "ready": status.ready,
+                "status_code": status.status_code,
+                "sw_version": status.sw_version,
+            }
+        except DeviceError as err:
+            entry["error"] = str(err)
+        finally:
+            term.slot.release()
+    return entry

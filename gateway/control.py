@@ -227,9 +227,15 @@ class ControlServer:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                server = await asyncio.start_unix_server(
-                    self._accept, sock=sock, limit=MAX_LINE_BYTES
-                )
+                try:
+                    server = await asyncio.start_unix_server(
+                        self._accept, sock=sock, limit=MAX_LINE_BYTES
+                    )
+                except OSError as err:  # the daemon runs on without its control socket
+                    log.error("control socket unavailable", path=str(self.path), error=str(err))
+                    sock.close()
+                    await self._stop.wait()
+                    raise _Closing from err
                 log.info("control socket listening", path=str(self.path))
                 await self._stop.wait()
                 self._tg = None

@@ -267,8 +267,8 @@ async def test_action_failures_become_error_codes(
     async def offline(_args: dict[str, Any], _uid: int) -> dict[str, Any]:
         raise LinkUnavailable("terminal pt-1 is offline")
 
-    async def buggy(_args: dict[str, Any], _uid: int) -> dict[str, Any]:
-        return {}["missing"]  # type: ignore[no-any-return]
+    async def buggy(args: dict[str, Any], _uid: int) -> dict[str, Any]:
+        return {"value": args["missing"]}  # a KeyError: a bug, not a bad argument
 
     async def says_no(_args: dict[str, Any], _uid: int) -> dict[str, Any]:
         return {"ok": False, "error": {"code": "not-in-doubt", "message": "settled meanwhile"}}

@@ -429,7 +429,8 @@ def _payment_status_arguments(parser: argparse.ArgumentParser) -> None:
 )
 def payment_status(ctx: Context, args: argparse.Namespace) -> int:
     """Ask the daemon for a status enquiry on one terminal."""
-    return _action(ctx, args, "payment.status", {"device": args.device})
+    # the payments service names the argument device_id (as health and device.status do)
+    return _action(ctx, args, "payment.status", {"device_id": args.device})
 
 
 def _payment_resolve_arguments(parser: argparse.ArgumentParser) -> None:

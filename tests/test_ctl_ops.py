@@ -170,7 +170,7 @@ async def test_payment_status_and_resolve_go_through_the_daemon(gw: Gateway, ctl
 
     async def status(args: dict[str, Any], _uid: int) -> dict[str, Any]:
         seen["status"] = args
-        return {"device": args["device"], "state": "idle"}
+        return {"device": args["device_id"], "state": "idle"}
 
     async def resolve(args: dict[str, Any], _uid: int) -> dict[str, Any]:
         seen["resolve"] = args

@@ -25,6 +25,7 @@ from gateway.commands import CommandDispatcher
 from gateway.config import GatewayConfig
 from gateway.db import Database, Work
 from gateway.inventory import Inventory
+from gateway.lifecycle import EarlyStop
 from gateway.outbox import Outbox
 from gateway.sdnotify import SdNotifier
 from gateway.services import installers
@@ -227,6 +228,8 @@ async def run_gateway(config: GatewayConfig, *, notifier: SdNotifier | None = No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, gateway.request_stop)
+    if EarlyStop.requested:
+        gateway.request_stop()
     try:
         async with AsyncExitStack() as stack:
             await gateway.build(stack)

@@ -11,6 +11,7 @@ import structlog
 from gateway import __version__
 from gateway.config import default_config_path, load_config
 from gateway.errors import ConfigError, DatabaseOpenError
+from gateway.lifecycle import EarlyStop
 from gateway.logs import configure_logging
 
 EX_OK = 0
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_command(config_path: str) -> int:
     """``store-gateway run``: exit codes per operations.md."""
+    EarlyStop.install()
     try:
         config, warnings = load_config(config_path)
     except ConfigError as err:
@@ -52,7 +54,7 @@ def run_command(config_path: str) -> int:
     log = structlog.get_logger("gateway")
     for warning in warnings:
         log.warning("configuration", problem=warning)
-    from gateway.app import run_gateway  # noqa: PLC0415 - keep `config validate` paths light
+    from gateway.app import run_gateway  # noqa: PLC0415
 
     code = EX_OK
     try:

@@ -134,7 +134,8 @@ class Drainer:
             prefetch: asyncio.Task[list[tuple[int, str]]] | None = None
             while True:
                 if self._rewind_to is not None:
-                    cursor, self._rewind_to = self._rewind_to, None
+                    # Only ever back: a replay from beyond the cursor must not skip anything.
+                    cursor, self._rewind_to = min(cursor, self._rewind_to), None
                     if prefetch is not None:
                         prefetch.cancel()
                         prefetch = None

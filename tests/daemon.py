@@ -55,10 +55,12 @@ class Daemon:
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.log = config.parent / "daemon.log"
+        self._offset = 0
 
     def start(self, **extra_env: str) -> Daemon:
         """Start the daemon (stdout/stderr to a log file)."""
         env = {**self.env, **extra_env}
+        self._offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.config)],
@@ -73,7 +75,7 @@ class Daemon:
         """Wait until the log contains ``needle`` (or the process dies)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.log.exists() and needle in self.log.read_text():
+            if self.log.exists() and needle in self.log.read_text()[self._offset :]:
                 return
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(

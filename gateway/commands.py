@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from gateway.clock import ClockStatus, parse_rfc3339
 from gateway.config import SecuritySection
 from gateway.db import Database, EventDraft, Statement, Work
+from gateway.errors import StorageError
 from gateway.signing import Verifier
 
 log = structlog.get_logger(__name__)
@@ -166,7 +167,13 @@ class CommandDispatcher:
             first = err.errors()[0]
             where = ".".join(str(x) for x in first["loc"]) or "data"
             return Outcome("rejected", "invalid", f"data.{where}: {first['msg']}")
-        return await spec.handler(cmd, data)
+        try:
+            return await spec.handler(cmd, data)
+        except StorageError:
+            raise  # nothing committed: no result now; the backend's retry gets the outcome
+        except Exception as err:
+            log.exception("command handler failed", command_id=cmd.id, name=cmd.name)
+            return Outcome("failed", "internal-error", f"{type(err).__name__}: {err}")
 
     def _keep_until(self, cmd: Command) -> float:
         horizon = time.time()

@@ -90,7 +90,7 @@ class StoreBus:
             "store_bus",
             settings,
             client_id=settings.client_id or f"store-gateway-{store_id}",
-            subscriptions=("store/v1/pos/#", "store/v1/lockers/#"),
+            subscriptions=(),  # set from the routes in run()
             on_message=self._on_message,
             will=Outbound(STATE_TOPIC, self._presence("offline")),
             birth=lambda: Outbound(STATE_TOPIC, self._presence("online")),
@@ -107,7 +107,10 @@ class StoreBus:
         self.routes[(route.area, route.action)] = route
 
     async def run(self) -> None:
-        """Run the link until stopped."""
+        """Run the link until stopped (subscribed to the request topics of the routes only)."""
+        self.link.subscriptions = tuple(
+            sorted({f"store/v1/{r.area}/+/{r.action}" for r in self.routes.values()})
+        )
         await self.link.run()
 
     def request_stop(self) -> None:

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel
 
 from gateway.backend_sim import RecordingBackend
+from gateway.commands import Command, CommandSpec, Outcome
 from gateway.config import GatewayConfig
 from gateway.signing import public_key_b64
 from tests.conftest import Broker, NatsBroker
@@ -304,3 +306,25 @@ async def test_health_message(
         assert set(h["outbox"]) == {"pending", "unacked", "oldest_pending_age_s", "last_acked_seq"}
         assert h["cloud"]["state"] == "connected" and h["cloud"]["connected_since"]
         json.dumps(h)
+
+
+async def test_failing_handler_still_yields_exactly_one_result(
+    cloud_broker: Broker, store_broker: Broker, config_factory: ConfigFactory
+) -> None:
+    class Empty(BaseModel):
+        pass
+
+    async def boom(_cmd: Command, _data: Empty) -> Outcome:
+        raise RuntimeError("a bug in a handler")
+
+    cfg = config_factory(cloud_broker.url, store_broker.url)
+    async with running_gateway(cfg) as gw, backend(cloud_broker) as be:
+        gw.dispatcher.register("boom", CommandSpec(handler=boom, data_model=Empty))
+        await wait_connected(gw)
+        cid = await be.send_command("boom", {})
+        result = await be.wait_for_result(cid)
+        assert (result["status"], result["reason"]) == ("failed", "internal-error")
+        assert "a bug in a handler" in result["detail"]
+        await be.send_command("boom", {}, command_id=cid)  # remembered: same outcome, no rerun
+        await be.wait_until(lambda r: len(r.results()[cid]) == 2)
+        assert be.record.results()[cid][1]["duplicate"] is True

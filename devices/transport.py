@@ -46,7 +46,9 @@ def endpoint_kind(endpoint: str) -> EndpointKind:
         return EndpointKind.TCP
     if endpoint.startswith("/"):
         return EndpointKind.SERIAL
-    raise ValueError(f"endpoint {endpoint!r}: expected a /dev path, socket://host:port or tcp://host:port")
+    raise ValueError(
+        f"endpoint {endpoint!r}: expected a /dev path, socket://host:port or tcp://host:port"
+    )
 
 
 def _host_port(endpoint: str) -> tuple[str, int]:

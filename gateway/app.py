@@ -61,6 +61,7 @@ class Gateway:
 
     config: GatewayConfig
     notifier: SdNotifier = field(default_factory=SdNotifier)
+    config_path: str | None = None
     boot_id: str = field(default_factory=new_boot_id)
     started_at: float = field(default_factory=time.time)
     clock: ClockStatus = field(init=False)
@@ -222,9 +223,11 @@ class Gateway:
             await asyncio.sleep(interval or 30.0)
 
 
-async def run_gateway(config: GatewayConfig, *, notifier: SdNotifier | None = None) -> None:
+async def run_gateway(
+    config: GatewayConfig, *, notifier: SdNotifier | None = None, config_path: str | None = None
+) -> None:
     """Build, serve until SIGTERM/SIGINT, shut down cleanly."""
-    gateway = Gateway(config, notifier=notifier or SdNotifier())
+    gateway = Gateway(config, notifier=notifier or SdNotifier(), config_path=config_path)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, gateway.request_stop)

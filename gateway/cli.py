@@ -58,7 +58,7 @@ def run_command(config_path: str) -> int:
 
     code = EX_OK
     try:
-        asyncio.run(run_gateway(config))
+        asyncio.run(run_gateway(config, config_path=config_path))
     except* DatabaseOpenError as group:
         problem = str(group.exceptions[0])
         log.error("database unavailable", error=problem)

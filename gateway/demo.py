@@ -65,6 +65,7 @@ async def _gateway(cfg_dir: Path, cloud_port: int, store_port: int) -> AsyncIter
             "storage": {"path": str(cfg_dir / "gateway.db")},
             "clock": {"synced": "yes"},
             "control": {"socket": str(cfg_dir / "control.sock")},
+            "discovery": {"enabled": False},  # a demo must not announce a store on the real LAN
         }
     )
     gw = Gateway(config)

@@ -113,8 +113,8 @@ async def test_disk_really_full_then_space_returns(small_tmpfs: Path) -> None:
         assert "full" in str(err).lower()
         assert len(acked) > 10
         assert db.health().last_error is not None
-        with pytest.raises(StorageError):  # still full: still refused, never silently dropped
-            await db.submit(Work(events=[db.draft("x", {})]))
+        with pytest.raises(StorageError):  # still full: refused again, never silently dropped
+            await db.submit(Work(events=[db.draft("fill", {"i": -1, "pad": "x" * 3000})]))
         await asyncio.to_thread(
             subprocess.run, ["mount", "-o", "remount,size=8m", str(small_tmpfs)], check=True
         )

@@ -46,6 +46,7 @@ from gateway.config import (
     takes_text_only,
     unknown_keys,
 )
+from gateway.crashpoints import crash_point
 from gateway.errors import ConfigError
 
 EXAMPLE_STORE_ID = "store-0042"
@@ -349,6 +350,7 @@ def replace_file(
     tmp = _write_temp(target, text.encode("utf-8"), keep_mode, st.st_uid, st.st_gid)
     try:
         backup = _backup(target, now or datetime.now(UTC))
+        crash_point("config-write")  # new file written and synced, old one backed up, not renamed
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -35,7 +35,7 @@ from gateway.config import GatewayConfig
 from gateway.crashpoints import crash_point
 from gateway.db import Database
 from gateway.errors import GatewayError, LinkUnavailable, StorageError
-from gateway.linkstate import DeviceState
+from gateway.linkstate import DeviceState, LinkState
 from gateway.payment_book import PaymentBook
 from gateway.payment_ops import end_of_day, terminal_status
 from gateway.payment_records import (
@@ -95,6 +95,9 @@ class PaymentService:
         self._states: asyncio.Queue[tuple[str, DeviceState, str | None]] = asyncio.Queue()
         self._tg: asyncio.TaskGroup | None = None
         self._to_recover: dict[str, list[Run]] = {}
+        self._unanswered: dict[str, tuple[str, dict[str, Any]]] = {}  # recovered, not yet sent
+        self._answering = asyncio.Lock()  # each recovered result goes out once
+        bus.link.state.listeners.append(self._on_bus_state)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -321,7 +324,8 @@ class PaymentService:
         log.info("payment.completed", status=final.status, result_code=final.result_code)
         run.done.set_result(body)
         if publish:  # nobody waits for it: the POS asked before the gateway restarted
-            await self._publish(f"store/v1/pos/{p.till}/payment/result", body)
+            self._unanswered[p.request_id] = (f"store/v1/pos/{p.till}/payment/result", body)
+            await self._answer_recovered()
 
     def _release(self, run: Run) -> None:
         """Forget a run and free its terminal; a run stopped before its outcome gets in_doubt."""
@@ -351,11 +355,26 @@ class PaymentService:
         finally:
             run.relayed.set()
 
-    async def _publish(self, topic: str, body: Mapping[str, Any]) -> None:
+    async def _publish(self, topic: str, body: Mapping[str, Any]) -> bool:
         try:
             await self._bus.publish_json(topic, body)
         except LinkUnavailable as err:
             log.info("payment.not_published", topic=topic, error=str(err))
+            return False
+        return True
+
+    async def _answer_recovered(self) -> None:
+        """Send the results of recovered payments (again after the store bus reconnects)."""
+        async with self._answering:
+            for rid, (topic, body) in list(self._unanswered.items()):
+                if not self._bus.link.connected or not await self._publish(topic, body):
+                    return
+                del self._unanswered[rid]
+
+    def _on_bus_state(self, _name: str, value: str) -> None:
+        tg = self._tg
+        if value == LinkState.CONNECTED and self._unanswered and tg is not None:
+            tg.create_task(self._answer_recovered(), name="payments-answer-recovered")
 
     # --- recovery and in_doubt ----------------------------------------------------------------
 

@@ -41,9 +41,10 @@ class Message:
 
 @dataclass(slots=True)
 class PosClient:
-    """A till: publishes payment requests and records everything under ``store/v1/#``."""
+    """A till: publishes payment requests and records everything under ``subscribe``."""
 
     port: int
+    subscribe: str = "store/v1/#"
     messages: list[Message] = field(default_factory=list)
     _client: aiomqtt.Client | None = None
     _reader: asyncio.Task[None] | None = None
@@ -54,7 +55,7 @@ class PosClient:
             "127.0.0.1", self.port, identifier=f"till-{uuid.uuid4().hex[:8]}"
         )
         await self._client.__aenter__()
-        await self._client.subscribe("store/v1/#", qos=1)
+        await self._client.subscribe(self.subscribe, qos=1)
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="till-reader")
         return self
 

@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--keep", action="store_true", help="keep the temporary directory for inspection"
     )
+    demo.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "embedded"],
+        default="auto",
+        help="auto: mosquitto when installed, else the embedded amqtt broker",
+    )
     return parser
 
 
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args.config or default_config_path())
     from gateway.demo import run_demo  # noqa: PLC0415
 
-    return int(run_demo(speed=args.speed, keep=args.keep))
+    return int(run_demo(speed=args.speed, keep=args.keep, broker=args.broker))
 
 
 if __name__ == "__main__":

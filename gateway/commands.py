@@ -5,6 +5,14 @@ for physical actions → ``data`` → effect. The first failing check decides. E
 exactly one ``command.result`` event; from the signature check on, the outcome is remembered in
 the persistent replay cache (the ``commands`` table) in the same transaction as the result event
 and the command's effect, so a repeated id replays the first outcome and has no second effect.
+
+The replay cache keeps an id until ``keep_until`` = max(received, issued_at, expires_at) +
+``clock_skew_s`` + ``replay_window_s``; rows past it are deleted in the transaction of a later
+result (at most once per :data:`PRUNE_INTERVAL_S`) and only while the clock is synchronised, since
+an unsynchronised clock that runs ahead would otherwise forget ids early.
+
+Card data: an id, name or ``data`` field holding a PAN-like number (gateway/carddata.py) is
+rejected ``invalid`` without echoing it, so nothing stores, logs or sends it.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Any, Literal
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from gateway.carddata import REFUSED, card_number_field, find_pan
 from gateway.clock import ClockStatus, parse_rfc3339
 from gateway.config import SecuritySection
 from gateway.db import Database, EventDraft, Statement, Work
@@ -27,6 +36,8 @@ from gateway.signing import Verifier
 log = structlog.get_logger(__name__)
 
 Status = Literal["ok", "rejected", "failed"]
+PRUNE_INTERVAL_S = 600.0
+_PRUNE = "DELETE FROM commands WHERE keep_until < ?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +93,24 @@ class CommandDispatcher:
         self.verifier = Verifier(security.command_keys)
         self.table: dict[str, CommandSpec] = {}
         self.stats = CommandStats()
+        self._pruned_at = -PRUNE_INTERVAL_S  # monotonic time of the last prune
+
+    async def prune(self, now: float | None = None) -> int:
+        """Delete replay-cache rows whose ``keep_until`` is before ``now``; returns how many."""
+        cutoff = time.time() if now is None else now
+        before = await self.db.fetchone(
+            "SELECT count(*) FROM commands WHERE keep_until < ?", (cutoff,)
+        )
+        await self.db.submit(Work(statements=[(_PRUNE, (cutoff,))], refusable=False))
+        return int(before[0]) if before is not None else 0
+
+    def _prune_statement(self) -> list[Statement]:
+        """The prune to commit with this result: at most once per interval, clock synced only."""
+        now = time.monotonic()
+        if now - self._pruned_at < PRUNE_INTERVAL_S or not self.clock.synced():
+            return []
+        self._pruned_at = now
+        return [(_PRUNE, (time.time(),))]
 
     def register(self, name: str, spec: CommandSpec) -> None:
         """Add a command to the dispatch table."""
@@ -105,6 +134,13 @@ class CommandDispatcher:
                 else topic_name
             )
             await self._result(cid, str(name), Outcome("rejected", "invalid", problem))
+            return
+        if find_pan(topic_name) or find_pan(env["id"]) or find_pan(env["name"]):
+            await self._result(
+                None,
+                "?",
+                Outcome("rejected", "invalid", f"id or name: looks like a card number ({REFUSED})"),
+            )
             return
         cmd = Command(
             id=env["id"],
@@ -167,6 +203,11 @@ class CommandDispatcher:
             first = err.errors()[0]
             where = ".".join(str(x) for x in first["loc"]) or "data"
             return Outcome("rejected", "invalid", f"data.{where}: {first['msg']}")
+        holder = card_number_field(data.model_dump(mode="json"))
+        if holder is not None:
+            return Outcome(
+                "rejected", "invalid", f"data.{holder}: looks like a card number ({REFUSED})"
+            )
         try:
             return await spec.handler(cmd, data)
         except StorageError:
@@ -176,7 +217,9 @@ class CommandDispatcher:
             return Outcome("failed", "internal-error", f"{type(err).__name__}: {err}")
 
     def _keep_until(self, cmd: Command) -> float:
-        horizon = time.time()
+        # issued_at counts too: a clock still behind after a power cut must not shorten the
+        # memory of a command without expires_at
+        horizon = max(time.time(), parse_rfc3339(cmd.issued_at))
         if cmd.expires_at is not None:
             horizon = max(horizon, parse_rfc3339(cmd.expires_at))
         return horizon + self.security.clock_skew_s + self.security.replay_window_s
@@ -220,6 +263,7 @@ class CommandDispatcher:
                     (remember.id, name, time.time(), self._keep_until(remember), json.dumps(first)),
                 )
             )
+            statements.extend(self._prune_statement())
         events = (*outcome.events, self.db.draft("command.result", result))
         await self.db.submit(Work(events=events, statements=statements, refusable=False))
 

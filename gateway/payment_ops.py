@@ -1,6 +1,8 @@
-"""Terminal operations beside payments: end-of-day (cloud command) and the technician's status.
+"""Operations beside payments: end-of-day (cloud command), the technician's status and resolve.
 
-Both take the terminal's slot, so they never interleave with a payment or its recovery.
+Those that talk to a terminal take its slot, so they never interleave with a payment or its
+recovery. Technician actions answer ``{"ok": true, ...}`` or ``{"ok": false, "error": {code,
+message}}``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from gateway.clock import now_rfc3339
 from gateway.db import Database, Work
 from gateway.errors import StorageError
 from gateway.linkstate import DeviceState
-from gateway.payment_records import end_of_day_data
+from gateway.payment_book import PaymentBook
+from gateway.payment_records import Final, end_of_day_data
 from gateway.payment_terminal import Terminal
 
 log = structlog.get_logger(__name__)
@@ -70,3 +73,26 @@ async def terminal_status(term: Terminal) -> dict[str, Any]:
         finally:
             term.slot.release()
     return entry
+
+
+async def resolve_by_technician(
+    book: PaymentBook, args: dict[str, Any], uid: int
+) -> dict[str, Any]:
+    """Settle an in_doubt payment as ``approved`` or ``failed`` (``payment.resolved``)."""
+    rid, status = args.get("request_id"), args.get("status")
+    if status not in ("approved", "failed"):
+        return _error("invalid", "status must be approved or failed")
+    doubt = book.doubtful.get(rid) if isinstance(rid, str) else None
+    if doubt is None or not isinstance(rid, str):
+        return _error("not-in-doubt", "no in_doubt payment has this request_id")
+    receipt = doubt.payment.receipt if status == "approved" else None
+    final = Final(status, receipt.result_code if receipt else None, receipt)
+    seq = await book.resolve(rid, final, f"uid:{uid}")
+    if seq is None:
+        return _error("not-in-doubt", "it was settled meanwhile")
+    log.info("payment.resolved", request_id=rid, status=status, by=f"uid:{uid}")
+    return {"ok": True, "request_id": rid, "status": status, "seq": seq}
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message}}

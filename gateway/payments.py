@@ -28,20 +28,18 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from devices.errors import DeviceError, DeviceRejected, DeviceUnavailable
-from devices.zvt import CURRENCIES, ZvtSettings
 from devices.zvt_codec import IntermediateStatus, StatusInfo
 from gateway.commands import Command, Outcome
 from gateway.config import GatewayConfig
 from gateway.crashpoints import crash_point
 from gateway.db import Database
-from gateway.errors import GatewayError, LinkUnavailable, StorageError
+from gateway.errors import GatewayError, LinkUnavailable, StorageError, StorageFull
 from gateway.linkstate import DeviceState, LinkState
 from gateway.payment_book import PaymentBook
-from gateway.payment_ops import end_of_day, terminal_status
+from gateway.payment_ops import end_of_day, resolve_by_technician, terminal_status
 from gateway.payment_records import (
     EndOfDayData,
     Final,
-    Payment,
     PaymentAbortBody,
     PaymentRequestBody,
     Problem,
@@ -51,6 +49,7 @@ from gateway.payment_records import (
     result_body,
 )
 from gateway.payment_recovery import Phase, Run, repeat, settle
+from gateway.payment_requests import requested_payment
 from gateway.payment_terminal import Terminal
 from gateway.storebus import Request, RequestError, StoreBus
 
@@ -159,13 +158,7 @@ class PaymentService:
         if not isinstance(admitted, Run):
             return admitted
         run = admitted
-        try:
-            await self.book.insert(run.payment)
-            tg = self._require_tg()
-        except BaseException:
-            self._release(run)
-            raise
-        crash_point("payment-after-authorizing")
+        tg = self._require_tg()  # the payment is owned by the service, not by this request
         tg.create_task(self._relay(run), name=f"payment-status-{body.request_id}")
         tg.create_task(self._pay(run), name=f"payment-{body.request_id}")
         answer = await asyncio.shield(run.done)
@@ -188,7 +181,7 @@ class PaymentService:
             raise RequestError(
                 "no-payment-terminal", f"no payment terminal is configured for POS {req.owner}"
             )
-        payment = await self._payment_for(req.owner, settings, body)
+        payment = await requested_payment(self.book, self._config, req.owner, settings, body)
         term = self.terminals[settings.id]
         if term.driver.state is not DeviceState.ONLINE:
             raise RequestError("terminal-offline", f"payment terminal {term.id} is offline")
@@ -198,45 +191,6 @@ class PaymentService:
         self._running[rid] = run
         self._set_phase(run, "terminal")
         return run
-
-    async def _payment_for(
-        self, till: str, settings: ZvtSettings, body: PaymentRequestBody
-    ) -> Payment:
-        """The payment a valid request asks for; RequestError naming the field otherwise."""
-        if body.kind == "purchase":
-            if body.amount_minor is None:
-                raise RequestError("invalid", "amount_minor: required for a purchase")
-            if body.currency is None:
-                raise RequestError("invalid", "currency: required for a purchase")
-            if body.currency not in CURRENCIES or body.currency not in self._config.pos.currencies:
-                raise RequestError("invalid", f"currency: {body.currency} is not accepted here")
-            return Payment(
-                body.request_id, till, settings.id, "purchase", body.amount_minor, body.currency
-            )
-        if body.reversal_of is None:
-            raise RequestError("invalid", "reversal_of: required for a reversal")
-        original = await self.book.get(body.reversal_of)
-        receipt_no = (
-            original.payment.receipt.receipt_no if original and original.payment.receipt else None
-        )
-        if (
-            original is None
-            or original.state != "approved"
-            or original.payment.kind != "purchase"
-            or receipt_no is None
-        ):
-            raise RequestError("unknown-original", "reversal_of: no approved purchase has this id")
-        o = original.payment
-        if o.device_id != settings.id:
-            raise RequestError(
-                "other-terminal",
-                f"reversal_of: the purchase ran on payment terminal {o.device_id}; "
-                "reverse it at a till of that terminal",
-            )
-        if await self.book.reversed_by(o.request_id) is not None:
-            raise RequestError("already-reversed", "reversal_of: this purchase is already reversed")
-        return Payment(body.request_id, till, settings.id, "reversal", o.amount_minor, o.currency,
-                       o.request_id, receipt_no)  # fmt: skip
 
     async def on_abort(self, req: Request, body: PaymentAbortBody) -> Mapping[str, Any]:
         """``payment/abort``: ask the terminal to abort a payment waiting for the card."""
@@ -257,6 +211,12 @@ class PaymentService:
         term = self.terminals[run.payment.device_id]
         structlog.contextvars.bind_contextvars(request_id=run.payment.request_id, device_id=term.id)
         try:
+            try:
+                await self.book.insert(run.payment)
+            except StorageError as err:  # not recorded, nothing sent: rejected, no trace
+                run.done.set_result(_not_recorded(run.payment.request_id, err))
+                return
+            crash_point("payment-after-authorizing")
             final = await self._transact(run, term)
             await self._finish(run, final)
         finally:
@@ -510,23 +470,17 @@ class PaymentService:
 
     async def action_resolve(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         """``payment.resolve``: a technician settles an in_doubt payment (approved or failed)."""
-        rid, status = args.get("request_id"), args.get("status")
-        if status not in ("approved", "failed"):
-            return _action_error("invalid", "status must be approved or failed")
-        doubt = self.book.doubtful.get(rid) if isinstance(rid, str) else None
-        if doubt is None or not isinstance(rid, str):
-            return _action_error("not-in-doubt", "no in_doubt payment has this request_id")
-        receipt = doubt.payment.receipt if status == "approved" else None
-        final = Final(status, receipt.result_code if receipt else None, receipt)
-        seq = await self.book.resolve(rid, final, f"uid:{uid}")
-        if seq is None:
-            return _action_error("not-in-doubt", "it was settled meanwhile")
-        log.info("payment.resolved", request_id=rid, status=status, by=f"uid:{uid}")
-        return {"ok": True, "request_id": rid, "status": status, "seq": seq}
+        return await resolve_by_technician(self.book, args, uid)
 
 
-def _action_error(code: str, message: str) -> dict[str, Any]:
-    return {"ok": False, "error": {"code": code, "message": message}}
+def _not_recorded(request_id: str, err: StorageError) -> dict[str, Any]:
+    code = "storage-full" if isinstance(err, StorageFull) else "storage-error"
+    message = f"not recorded, {'storage is full' if code == 'storage-full' else 'try again'}"
+    return {
+        "request_id": request_id,
+        "status": "rejected",
+        "error": {"code": code, "message": message},
+    }
 
 
 async def install(gw: Gateway, stack: AsyncExitStack) -> None:

@@ -250,6 +250,10 @@ class LockerBank:
             return None
         return door.open
 
+    def add_state_listener(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(name, state)`` whenever :attr:`state` changes."""
+        self._state.listeners.append(listener)
+
     def wake(self) -> None:
         """Retry offline boards and the link now instead of after the backoff delay."""
         for board in self._boards.values():

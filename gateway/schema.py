@@ -97,4 +97,52 @@ MIGRATIONS: dict[str, tuple[str, ...]] = {
         "CREATE TABLE snapshots_applied (snapshot_id TEXT PRIMARY KEY, as_of_seq INTEGER NOT NULL,"
         " parts INTEGER NOT NULL, applied_at REAL NOT NULL) WITHOUT ROWID",
     ),
+    "lockers": (
+        # 1: click-and-collect orders, compartment occupancy, pulse audit, request replies, keypads
+        """
+        CREATE TABLE orders (
+            order_id TEXT PRIMARY KEY,
+            status TEXT NOT NULL,           -- accepted/in_locker/collected/expired/cancelled/rejected
+            size TEXT NOT NULL,
+            items TEXT NOT NULL,            -- JSON [[sku, qty], ...]
+            pickup_by REAL NOT NULL,        -- POSIX time
+            customer_ref TEXT,
+            bank TEXT,
+            compartment INTEGER,
+            code_hash TEXT,                 -- scrypt hash while the code may be used, else NULL
+            seq INTEGER NOT NULL            -- seq of its latest order.updated event
+        ) WITHOUT ROWID;
+        CREATE INDEX orders_status ON orders(status, pickup_by);
+        CREATE TABLE compartments (
+            bank TEXT NOT NULL,
+            number INTEGER NOT NULL,
+            state TEXT NOT NULL,            -- free/loading/occupied/retrieve/out_of_order
+            order_id TEXT,
+            PRIMARY KEY (bank, number)
+        ) WITHOUT ROWID;
+        CREATE TABLE locker_actions (
+            action_id TEXT PRIMARY KEY,     -- one physical opening (1..jam_tries pulses)
+            bank TEXT NOT NULL,
+            compartment INTEGER NOT NULL,
+            opened_by TEXT NOT NULL,
+            ref TEXT NOT NULL,
+            state TEXT NOT NULL,            -- pending until its outcome commits; done/failed/unknown
+            seq INTEGER NOT NULL            -- seq of its first locker.opened event
+        ) WITHOUT ROWID;
+        CREATE INDEX locker_actions_pending ON locker_actions(state);
+        CREATE TABLE locker_requests (
+            bank TEXT NOT NULL,
+            action TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            reply TEXT NOT NULL,            -- the first answer, repeated for a repeated id
+            at REAL NOT NULL,
+            PRIMARY KEY (bank, action, request_id)
+        ) WITHOUT ROWID;
+        CREATE TABLE locker_keypads (
+            bank TEXT PRIMARY KEY,
+            failures TEXT NOT NULL,         -- JSON list of wall times of recent wrong codes
+            locked_until REAL NOT NULL
+        ) WITHOUT ROWID;
+        """,
+    ),
 }

@@ -19,6 +19,13 @@ Installer = Callable[["Gateway", AsyncExitStack], Awaitable[None]]
 
 def installers() -> tuple[Installer, ...]:
     """The services, in start order (imported here so the registry is one explicit list)."""
-    from gateway import control, discovery, inventory_sync, payments, pos  # noqa: PLC0415 - the registry is this one function
+    from gateway import control, discovery, inventory_sync, lockers, payments, pos  # noqa: PLC0415 - the registry is this one function
 
-    return (control.install, discovery.install, pos.install, inventory_sync.install, payments.install)
+    return (
+        control.install,
+        discovery.install,
+        pos.install,
+        inventory_sync.install,
+        lockers.install,
+        payments.install,
+    )

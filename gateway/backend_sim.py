@@ -121,6 +121,10 @@ class RecordingBackend:
             except aiomqtt.MqttError:
                 self._client = None
                 self._connected.clear()
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Python 3.11: a cancel racing an aiomqtt message can surface as MqttError
+                    raise asyncio.CancelledError from None
                 await asyncio.sleep(0.2)
 
     async def _on_message(self, topic: str, payload: bytes) -> None:

@@ -383,6 +383,26 @@ class LockerService:
             await self.db.submit(Work(statements=first, refusable=False))
         return OpenResult("opened" if opened else "jammed", action_id)
 
+    async def action_open(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """Control-socket action ``locker.open`` {bank, compartment}: a technician test pulse."""
+        bank, compartment = args.get("bank"), args.get("compartment")
+        if (
+            not isinstance(bank, str)
+            or isinstance(compartment, bool)
+            or not isinstance(compartment, int | str)
+        ):
+            raise ValueError("locker.open needs bank (string) and compartment (number)")
+        try:
+            result = await self.technician_open(bank, int(compartment), uid)
+        except (UnknownCompartment, ValueError) as err:
+            raise ValueError(str(err)) from err
+        if result.opened:
+            return {"bank": bank, "compartment": int(compartment), "status": result.status}
+        return {
+            "ok": False,
+            "error": {"code": result.status, "message": f"{bank}/{compartment}: {result.status}"},
+        }
+
     async def technician_open(self, bank: str, compartment: int, uid: int) -> OpenResult:
         """A technician's test opening (control socket); an out-of-order empty one returns to use."""
         locker = self._locker(bank, compartment)
@@ -713,6 +733,7 @@ async def install(gw: Gateway, stack: AsyncExitStack) -> None:
     service = LockerService(gw, gw.config.locker_banks, gw.config.lockers)
     await service.open(stack)
     service.register()
+    gw.actions["locker.open"] = service.action_open
     gw.components.append(Supervised("lockers", service))
     gw.extra_health.append(service.health)
 

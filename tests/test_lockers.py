@@ -24,6 +24,7 @@ from gateway.app import Gateway
 from gateway.backend_sim import RecordingBackend
 from gateway.clock import format_rfc3339, uuid7
 from gateway.config import GatewayConfig
+from gateway.ctl import main as ctl_main
 from gateway.db import Database
 from gateway.inventory import Inventory
 from gateway.lockers import LockerService, locker_service
@@ -652,3 +653,36 @@ async def test_a_kill_between_pulse_and_state_commit_is_reported_not_repeated(
             if proc.poll() is None:
                 proc.kill()
                 await asyncio.to_thread(proc.wait, 20)
+
+
+async def test_gatewayctl_locker_open_pulses_through_the_daemon_and_is_recorded(
+    cloud_broker: Broker,
+    store_broker: Broker,
+    config_factory: ConfigFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with rig(cloud_broker, store_broker, config_factory) as r:
+        cfg = tmp_path / "ctl.toml"
+        cfg.write_text(
+            f'[store]\nid = "store-0042"\n[cloud]\nurl = "mqtt://127.0.0.1:1"\n'
+            f'[store_bus]\nurl = "mqtt://127.0.0.1:1"\n[control]\nsocket = "{r.gw.config.control.socket}"\n'
+            f'[storage]\npath = "{r.gw.config.storage.path}"\n'
+        )
+        before = r.sim.pulse_count(1, 0)
+        code = await asyncio.to_thread(ctl_main, ["--config", str(cfg), "locker", "open", "A", "1"])
+        assert code == 0, capsys.readouterr().err
+        assert r.sim.pulse_count(1, 0) == before + 1
+        await r.be.wait_until(
+            lambda rec: any(
+                e["data"].get("by") == "technician" for e in rec.of_type("locker.opened")
+            )
+        )
+        opened = events(r.be, "locker.opened", by="technician")
+        assert opened[-1]["ref"] == f"uid:{os.getuid()}"
+        assert (opened[-1]["bank"], opened[-1]["compartment"]) == ("A", 1)
+        code = await asyncio.to_thread(
+            ctl_main, ["--config", str(cfg), "locker", "open", "A", "99"]
+        )
+        assert code == 1
+        assert "99" in capsys.readouterr().err

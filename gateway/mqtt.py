@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -33,6 +34,15 @@ from gateway.linkstate import LinkState, StateCell
 log = structlog.get_logger(__name__)
 
 _AUTH_CODES = frozenset({4, 5, 0x86, 0x87})  # 3.1.1 bad credentials/not authorised; v5 same
+# A refused TLS handshake (certificate, host name, protocol version, client certificate) is a
+# configuration problem, not an outage: aiomqtt passes only the OpenSSL text, so match on it.
+_TLS_REFUSED = re.compile(
+    r"CERTIFICATE_VERIFY_FAILED|certificate verify failed|Hostname mismatch|"
+    r"ALERT_(BAD|UNKNOWN|UNSUPPORTED|EXPIRED|REVOKED)?_?CERTIFICATE|CERTIFICATE_REQUIRED|"
+    r"HANDSHAKE_FAILURE|PROTOCOL_VERSION|UNSUPPORTED_PROTOCOL|WRONG_VERSION_NUMBER|"
+    r"NO_PROTOCOLS_AVAILABLE|UNKNOWN_CA",
+    re.IGNORECASE,
+)
 SESSION_EXPIRY_S = 86400
 
 
@@ -148,6 +158,13 @@ class MqttLink:
         if auth:
             self._log.error(
                 "broker refused our credentials; check username and password_file", error=str(err)
+            )
+            self.backoff.exhaust()
+        elif _TLS_REFUSED.search(str(err)):
+            self._log.error(
+                "TLS handshake refused; check ca_file, cert_file/key_file and the broker's "
+                "certificate (host name, validity, TLS >= 1.2)",
+                error=str(err),
             )
             self.backoff.exhaust()
         elif not self._outage_logged:

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import structlog
@@ -48,32 +48,30 @@ def wait_port(port: int, *, up: bool = True, timeout_s: float = 10.0) -> None:
     raise TimeoutError(f"port {port} did not come {'up' if up else 'down'}")
 
 
-class Broker:
-    """A real mosquitto process on a fixed loopback port; can be SIGKILLed and restarted."""
+class _BrokerProcess:
+    """A broker subprocess on a fixed loopback port: start, SIGKILL, signal, restart (empty)."""
 
-    def __init__(self, workdir: Path, *, extra_conf: str = "", port: int | None = None) -> None:
+    exe: str | None = None
+    protocol = "5"
+
+    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
         self.workdir = workdir
         self.port = port or free_port()
-        self.extra_conf = extra_conf
         self.proc: subprocess.Popen[bytes] | None = None
-        self.conf = workdir / f"mosquitto-{self.port}.conf"
-        self.log = workdir / f"mosquitto-{self.port}.log"
-        self.protocol = "5"
+        self.log = workdir / f"{type(self).__name__.lower()}-{self.port}.log"
 
     @property
     def url(self) -> str:
         """mqtt://127.0.0.1:port"""
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def start(self) -> Broker:
-        """Start (or restart, empty: no persistence) on the same port."""
-        assert MOSQUITTO is not None
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"max_queued_messages 100000\n{self.extra_conf}\n"
-        )
+    def _argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        """Start (or restart, empty) on the same port; returns when it accepts connections."""
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=log)
+            self.proc = subprocess.Popen(self._argv(), stdout=log, stderr=log)
         wait_port(self.port)
         return self
 
@@ -95,52 +93,46 @@ class Broker:
         self.start()
 
 
+class Broker(_BrokerProcess):
+    """A real mosquitto process (no persistence: a restart is empty)."""
+
+    def __init__(self, workdir: Path, *, extra_conf: str = "", port: int | None = None) -> None:
+        super().__init__(workdir, port=port)
+        self.extra_conf = extra_conf
+        self.conf = workdir / f"mosquitto-{self.port}.conf"
+        self.protocol = "5"
+
+    def _argv(self) -> list[str]:
+        assert MOSQUITTO is not None
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"max_queued_messages 100000\n{self.extra_conf}\n"
+        )
+        return [MOSQUITTO, "-c", str(self.conf)]
+
+
 NATS = shutil.which("nats-server")
 
 
-class NatsBroker:
+class NatsBroker(_BrokerProcess):
     """NATS server's MQTT front end (JetStream on), the second broker implementation."""
 
     protocol = "3.1.1"  # nats-server 2.9 speaks MQTT 3.1.1 only
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
+        super().__init__(workdir)
         self.nats_port = free_port()
         self.store = workdir / f"nats-{self.port}"
         self.conf = workdir / f"nats-{self.port}.conf"
-        self.log = workdir / f"nats-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        """mqtt://127.0.0.1:port"""
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> NatsBroker:
-        """Start on the same ports; empty (its JetStream store is wiped)."""
+    def _argv(self) -> list[str]:
         assert NATS is not None
-        shutil.rmtree(self.store, ignore_errors=True)
+        shutil.rmtree(self.store, ignore_errors=True)  # restarts are empty, like mosquitto's
         self.conf.write_text(
             f"listen: 127.0.0.1:{self.nats_port}\nserver_name: n{self.port}\n"
             f'jetstream {{ store_dir: "{self.store}" }}\nmqtt {{ listen: 127.0.0.1:{self.port} }}\n'
         )
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([NATS, "-c", str(self.conf)], stdout=log, stderr=log)
-        wait_port(self.port)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(5)
-        self.proc = None
-
-    def restart(self) -> None:
-        """Kill and start again, empty."""
-        self.kill()
-        self.start()
+        return [NATS, "-c", str(self.conf)]
 
 
 @pytest.fixture(params=["mosquitto-v5", "mosquitto-v3.1.1", "nats-v3.1.1"])

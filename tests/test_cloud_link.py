@@ -328,3 +328,20 @@ async def test_failing_handler_still_yields_exactly_one_result(
         await be.send_command("boom", {}, command_id=cid)  # remembered: same outcome, no rerun
         await be.wait_until(lambda r: len(r.results()[cid]) == 2)
         assert be.record.results()[cid][1]["duplicate"] is True
+
+
+async def test_max_publish_rate_caps_event_messages(
+    cloud_broker: Broker, store_broker: Broker, config_factory: ConfigFactory
+) -> None:
+    cfg = config_factory(
+        cloud_broker.url, store_broker.url, cloud={"max_publish_rate": 20, "max_batch": 1}
+    )
+    async with running_gateway(cfg) as gw, backend(cloud_broker) as be:
+        await wait_connected(gw)
+        await emit(gw, 30)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await be.wait_for_seq(30, timeout_s=20)
+        # 30 one-event messages at 20/s: at least ~0.5 s beyond the first second's burst
+        assert loop.time() - start >= 0.4
+        assert be.record.messages >= 30

@@ -20,6 +20,7 @@ import pytest
 from gateway.db import Database, Work
 from gateway.errors import StorageError, StorageFull
 from gateway.outbox import Outbox
+from tests.gwharness import emit, running_gateway
 
 
 @contextlib.asynccontextmanager
@@ -151,3 +152,17 @@ async def test_injected_io_error_on_commit(
         assert any("reopened after an I/O error" in e["event"] for e in log_output)
         await assert_intact(db, [*first.seqs, *after.seqs])
         assert db.health().last_error is None
+
+
+async def test_health_raises_the_storage_alert_before_anything_is_refused(
+    config_factory: Any,
+) -> None:
+    cfg = config_factory(storage={"max_bytes": 1 << 20, "warn_fraction": 0.2})
+    async with running_gateway(cfg) as gw:
+        disk = (await gw.health())["disk"]
+        assert disk["warning"] is False and disk["max_bytes"] == 1 << 20
+        while not gw.db.health().warning:
+            await gw.db.submit(Work(events=[gw.db.draft("fill", {"pad": "x" * 4000})] * 20))
+        disk = (await gw.health())["disk"]
+        assert disk["warning"] is True and disk["full"] is False
+        assert await emit(gw, 1)  # warned, still accepting new facts

@@ -62,7 +62,9 @@ def check_database_against_backend(
     for seq, event_id, body in rows:
         if seq not in rec.events:
             # committed during the final shutdown: still held, delivered at the next start
-            assert seq > rec.contiguous, f"committed seq {seq} ({body[:120]}) never reached the backend"
+            assert seq > rec.contiguous, (
+                f"committed seq {seq} ({body[:120]}) never reached the backend"
+            )
             continue
         got = rec.events[seq]
         assert got["id"] == event_id

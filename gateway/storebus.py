@@ -19,6 +19,7 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from gateway import __version__
+from gateway.carddata import REFUSED, card_number_field, find_pan
 from gateway.config import StoreBusSection
 from gateway.errors import StorageError, StorageFull
 from gateway.linkstate import LinkState, StateCell
@@ -51,8 +52,8 @@ class Request:
     bus: StoreBus
 
     async def publish(self, suffix: str, body: Mapping[str, Any]) -> None:
-        """Publish a side message (e.g. ``payment/status``) next to the request topic."""
-        base = self.topic.rsplit("/", 1)[0]
+        """Publish a side message under the owner's topics (``payment/status`` → …/{owner}/payment/status)."""
+        base = "/".join(self.topic.split("/")[:4])  # store/v1/{area}/{owner}
         await self.bus.publish_json(f"{base}/{suffix}", body)
 
 
@@ -150,6 +151,11 @@ class StoreBus:
         if route is None:
             return  # our own replies, status topics and retained state come back here too
         self.stats["requests"] += 1
+        if find_pan(owner):
+            # answering would echo the number in the reply topic: drop it, say so without it
+            self.stats["unreadable"] += 1
+            log.warning("request on a topic holding a card number dropped", area=area)
+            return
         body = _parse_object(msg.payload)
         if isinstance(body, str):
             await self._unreadable(msg.topic, "invalid-json", body)
@@ -160,6 +166,11 @@ class StoreBus:
                 msg.topic,
                 "invalid-id",
                 f"{route.id_field} must be a non-empty string of at most {MAX_ID_LEN} characters",
+            )
+            return
+        if find_pan(rid):
+            await self._unreadable(
+                msg.topic, REFUSED, f"{route.id_field} looks like a card number; not accepted"
             )
             return
         base = f"store/v1/{area}/{owner}"
@@ -174,6 +185,14 @@ class StoreBus:
     async def _serve(self, route: Route, req: Request, body: dict[str, Any]) -> Mapping[str, Any]:
         try:
             typed = route.model.model_validate(body)
+            where = card_number_field(typed.model_dump(mode="json"))
+            if where is not None:
+                return self._rejected(
+                    route,
+                    req,
+                    REFUSED,
+                    f"{where}: looks like a card number; card data goes to the payment terminal only",
+                )
             return await route.handler(req, typed)
         except ValidationError as err:
             return self._rejected(route, req, "invalid", _describe(err))

@@ -1,8 +1,10 @@
 """Store-bus locker requests: staff loading, customer pickup, staff retrieval.
 
 ``store/v1/lockers/{bank}/load|pickup|retrieve`` (store-api.md). The first answer to a request
-id is stored in ``locker_requests`` with the state change it reports and repeated for that id.
-The door wait of a load runs outside the lock, in a task spawned into the service's TaskGroup.
+id is stored in ``locker_requests`` with the state change it reports and repeated for that id;
+answers older than :data:`REPLY_KEEP_S` are pruned at start-up and once a day (while the clock
+is synchronised: a clock running ahead would forget ids early). The door wait of a load runs
+outside the lock, in a task spawned into the service's TaskGroup.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from devices.locker import LockerBank
 from gateway import pickup_codes as codes
 from gateway.db import EventDraft, SeqOf, Statement, Work
+from gateway.errors import StorageError
 from gateway.inventory import Move
 from gateway.locker_openings import (
     Openings,
@@ -48,6 +51,9 @@ log = structlog.get_logger(__name__)
 State = CompartmentState
 Reply = dict[str, Any]
 Spawn = Callable[[Coroutine[Any, Any, None], str], None]
+
+REPLY_KEEP_S = 7 * 86_400.0  # a till or kiosk repeats a request within minutes, not days
+PRUNE_EVERY_S = 86_400.0
 
 
 class _Req(BaseModel):
@@ -126,6 +132,32 @@ class LockerRequests:
         ]
 
     # --- stored answers -----------------------------------------------------------------------
+
+    async def prune(self, keep_s: float = REPLY_KEEP_S) -> int:
+        """Delete stored answers older than ``keep_s`` (clock synced only); returns how many."""
+        if not self.gw.clock.synced():
+            return 0
+        cutoff = self._now() - keep_s
+        try:
+            row = await self.db.fetchone(
+                "SELECT count(*) FROM locker_requests WHERE at < ?", (cutoff,)
+            )
+            count = int(row[0]) if row else 0
+            if count:
+                stmt = ("DELETE FROM locker_requests WHERE at < ?", (cutoff,))
+                await self.db.submit(Work(statements=[stmt], refusable=False))
+        except StorageError as err:  # only housekeeping: tried again at the next interval
+            log.error("locker request answers not pruned", error=str(err))
+            return 0
+        if count:
+            log.info("locker request answers pruned", count=count, keep_s=keep_s)
+        return count
+
+    async def run_pruning(self, every_s: float = PRUNE_EVERY_S) -> None:
+        """Prune every ``every_s`` (the service prunes once at start-up itself)."""
+        while True:
+            await asyncio.sleep(every_s)
+            await self.prune()
 
     async def _begin(self, req: Request, action: str) -> tuple[LockerBank, Reply | None]:
         await self._ready.wait()

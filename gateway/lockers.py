@@ -121,8 +121,9 @@ class LockerService:
         }
 
     async def run(self) -> None:
-        """Report lost outcomes, then run the drivers, the state publisher and the timers."""
+        """Report lost outcomes and prune old answers, then run the drivers, publisher and timers."""
         await report_lost_outcomes(self.db)
+        await self.requests.prune()  # before any request can read a stored answer
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -131,6 +132,7 @@ class LockerService:
                 tg.create_task(self.states.publish_loop(), name="locker-state")
                 tg.create_task(self.states.status_loop(), name="locker-status")
                 tg.create_task(self.orders.run_expiry(), name="order-expiry")
+                tg.create_task(self.requests.run_pruning(), name="locker-requests-prune")
                 self._ready.set()
                 await self._stop.wait()
                 raise _Stopped

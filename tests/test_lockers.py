@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from devices.sim.locker_sim import LockerBoardSim
 from gateway.app import Gateway
 from gateway.backend_sim import RecordingBackend
-from gateway.clock import format_rfc3339, uuid7
+from gateway.clock import ClockStatus, format_rfc3339, uuid7
 from gateway.config import GatewayConfig
 from gateway.ctl import main as ctl_main
-from gateway.db import Database
+from gateway.db import Database, Work
 from gateway.inventory import Inventory
 from gateway.lockers import LockerService, locker_service
 from gateway.signing import public_key_b64
@@ -346,6 +346,43 @@ async def test_wrong_codes_lock_the_keypad_across_a_restart(
                 assert (await kiosk.request("pickup", code=code_a))["status"] == "opened"
             _size, unit, ch = WIRING[number_a]
             assert sim.pulse_count(unit, ch) == 2  # load + the one successful pickup
+
+
+async def test_stored_answers_older_than_a_week_are_pruned_at_start_up(
+    cloud_broker: Broker, store_broker: Broker, config_factory: ConfigFactory
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    async with LockerBoardSim([1, 2], transport="tcp") as sim:
+        cfg = config_factory(cloud_broker.url, store_broker.url, **sections(sim.endpoint, key))
+        async with (
+            RecordingBackend("127.0.0.1", cloud_broker.port, "store-0042", signing_key=key) as be,
+            Kiosk(store_broker.port).running() as kiosk,
+        ):
+            async with running_gateway(cfg) as gw:
+                await gw.inventory.apply_snapshot(0, {"sku-1": 10})
+                for rid in ("old", "new"):
+                    reply = await kiosk.request("load", request_id=rid, order_id="o-1")
+                    assert reply["status"] == "unknown_order"
+                eight_days_s = 8 * 86_400.0
+                age = ("UPDATE locker_requests SET at = at - ? WHERE request_id = 'old'",)
+                await gw.db.submit(Work(statements=[(*age, (eight_days_s,))], refusable=False))
+                requests = locker_service(gw).requests
+                gw.clock = ClockStatus("no")  # an untrusted clock forgets nothing
+                assert await requests.prune() == 0
+                gw.clock = ClockStatus("yes")
+                r = Rig(gw, locker_service(gw), sim, be, kiosk, cloud_broker)
+                await r.create("o-1")
+            async with running_gateway(cfg) as gw:
+                # the repeated new id keeps its first answer; the forgotten old one is served anew
+                again = await kiosk.request("load", request_id="new", order_id="o-1")
+                assert again["status"] == "unknown_order"
+                rows = await gw.db.fetchall("SELECT request_id FROM locker_requests")
+                assert rows == [("new",)]
+                fresh = await kiosk.request("load", request_id="old", order_id="o-1")
+                assert fresh["status"] == "opened"
+                r = Rig(gw, locker_service(gw), sim, be, kiosk, cloud_broker)
+                r.close(fresh["compartment"])
+                await kiosk.state(lambda s: s[fresh["compartment"]] == "occupied")
 
 
 # --- expiry, cancel, retrieve, remote and technician openings -------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Self, TypeVar
@@ -87,11 +88,24 @@ class ZvtSettings(BaseModel):
         default=180, gt=0, description="Wait for Completion/Abort; reset by every 04 FF and 04 0F."
     )
     connect_timeout_s: float = Field(default=5, gt=0, description="Opening the endpoint.")
+    end_of_day_at: datetime.time | None = Field(
+        default=None,
+        description='Local time ("HH:MM") of a daily End-of-Day on this terminal: run once per '
+        "local day from that time on, when the clock is synced and no payment runs on the "
+        "terminal. Unset: only on the payment.end_of_day command.",
+    )
 
     @field_validator("endpoint")
     @classmethod
     def _check_endpoint(cls, value: str) -> str:
         endpoint_kind(value)
+        return value
+
+    @field_validator("end_of_day_at")
+    @classmethod
+    def _check_end_of_day_at(cls, value: datetime.time | None) -> datetime.time | None:
+        if value is not None and value.tzinfo is not None:
+            raise ValueError("a local time without a zone, e.g. 22:30")
         return value
 
     @field_validator("currency")

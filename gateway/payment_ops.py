@@ -8,6 +8,7 @@ message}}``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -25,13 +26,21 @@ from gateway.payment_terminal import Terminal
 log = structlog.get_logger(__name__)
 
 
-async def end_of_day(term: Terminal, db: Database) -> None:
-    """Run End-of-Day once the terminal is free and online (≤ T4); commit payment.end_of_day."""
+async def end_of_day(
+    term: Terminal, db: Database, *, taken: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Run End-of-Day once the terminal is free and online (≤ T4); commit payment.end_of_day.
+
+    ``taken`` is awaited once the terminal is ours, before anything is sent; if it raises,
+    nothing is sent and the exception propagates.
+    """
     info: StatusInfo | None = None
     code: int | None = None
     error: str | None = None
     await term.slot.take("end_of_day")
     try:
+        if taken is not None:
+            await taken()
         if not await term.wait_until(lambda: term.online_after(0), term.settings.t4_s):
             error = "terminal-offline"
         else:

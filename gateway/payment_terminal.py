@@ -92,6 +92,20 @@ class Terminal:
             return condition()
         return True
 
+    async def report_unreachable(self, grace_s: float | None = None) -> None:
+        """Report ``offline`` once if the terminal has not answered since start-up in ``grace_s``.
+
+        The driver starts offline and reports changes only, so a terminal that never answers
+        would never be reported. Default grace: one connect and Registration attempt.
+        """
+        s = self.settings
+        grace = s.connect_timeout_s + 3 * s.t2_s + s.t3_s if grace_s is None else grace_s
+        answered = await self.wait_until(
+            lambda: self.online_gen > 0 or self.driver.state is not DeviceState.OFFLINE, grace
+        )
+        if not answered:
+            self._on_state(self, DeviceState.OFFLINE, f"no answer within {grace:g} s of start-up")
+
     def _state_changed(self, state: DeviceState, reason: str | None) -> None:
         if state is DeviceState.ONLINE:
             self.online_gen += 1

@@ -9,13 +9,14 @@ Per payment (devices.md "Commit point")::
        └─ busy / rejected: no row, no event
 
 The final status commits with its ``payment.completed`` event in one unit of work, and only then
-is the POS answered. ``in_doubt`` is asked again whenever its terminal comes back online; a later
-answer (or a technician) settles it with ``payment.resolved``. Payments found unsettled at
-start-up are recovered before their terminal takes new ones. The service never starts a second
-authorization on its own.
+is the POS answered. ``in_doubt`` is asked again whenever its terminal comes back online and on a
+timer (payment_recheck); a later answer (or a technician) settles it with ``payment.resolved``.
+Payments found unsettled at start-up are recovered before their terminal takes new ones. The
+service never starts a second authorization on its own.
 
 A request for a terminal that is offline is ``rejected`` (``terminal-offline``): nothing happened,
 so the POS may retry with the same ``request_id``. A link lost mid-payment goes to recovery.
+End-of-day runs on the cloud command and daily where ``end_of_day_at`` is set (payment_schedule).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from gateway.errors import GatewayError, LinkUnavailable, StorageError, StorageF
 from gateway.linkstate import DeviceState, LinkState
 from gateway.payment_book import PaymentBook
 from gateway.payment_ops import end_of_day, resolve_by_technician, terminal_status
+from gateway.payment_recheck import InDoubtRecheck
 from gateway.payment_records import (
     EndOfDayData,
     Final,
@@ -48,8 +50,9 @@ from gateway.payment_records import (
     final_of_transaction,
     result_body,
 )
-from gateway.payment_recovery import Phase, Run, repeat, settle
+from gateway.payment_recovery import Phase, Run, settle
 from gateway.payment_requests import requested_payment
+from gateway.payment_schedule import EndOfDaySchedule, SyncedClock
 from gateway.payment_terminal import Terminal
 from gateway.storebus import Request, RequestError, StoreBus
 
@@ -75,7 +78,12 @@ class PaymentService:
     """The payment flow for every configured ZVT terminal (see the module docstring)."""
 
     def __init__(
-        self, db: Database, bus: StoreBus, config: GatewayConfig, device_status: DeviceStatusSink
+        self,
+        db: Database,
+        bus: StoreBus,
+        config: GatewayConfig,
+        device_status: DeviceStatusSink,
+        clock: SyncedClock,
     ) -> None:
         self._db = db
         self._bus = bus
@@ -85,6 +93,12 @@ class PaymentService:
         self.terminals = {
             s.id: Terminal(s, on_state=self._on_state, claim=self._claim)
             for s in config.payment_terminals
+        }
+        self.rechecks = InDoubtRecheck(self.book, self.terminals)
+        self.schedules = {
+            t.id: EndOfDaySchedule(t, db, clock)
+            for t in self.terminals.values()
+            if t.settings.end_of_day_at is not None
         }
         self._running: dict[str, Run] = {}
         self._admit = asyncio.Lock()
@@ -121,7 +135,11 @@ class PaymentService:
                 self._tg = tg
                 for term in self.terminals.values():
                     tg.create_task(term.driver.run(), name=f"zvt-{term.id}")
+                    tg.create_task(term.report_unreachable(), name=f"payments-reachable-{term.id}")
                 tg.create_task(self._publish_states(), name="payments-device-status")
+                tg.create_task(self.rechecks.run(), name="payments-recheck-in-doubt")
+                for device_id, schedule in self.schedules.items():
+                    tg.create_task(schedule.run(), name=f"payments-eod-schedule-{device_id}")
                 for device_id, runs in self._to_recover.items():
                     owner = self.terminals.get(device_id)
                     tg.create_task(self._recover(owner, runs), name=f"payments-recover-{device_id}")
@@ -378,40 +396,12 @@ class PaymentService:
         log.info("payment.claimed", request_id=run.payment.request_id, trace_no=info.trace_no)
         return True
 
-    async def _recheck(self, term: Terminal) -> None:
-        """Ask a terminal that just came online about its in_doubt payments again."""
-        await term.slot.take("recheck")
-        try:
-            for doubt in list(self.book.doubtful.values()):
-                if doubt.payment.device_id != term.id or not doubt.recheck:
-                    continue
-                if term.driver.state is not DeviceState.ONLINE:
-                    break
-                rid = doubt.payment.request_id
-                final = await repeat(doubt.payment, term)
-                try:
-                    if final.status != "in_doubt":
-                        await self.book.resolve(rid, final, "terminal")
-                        log.info("payment.resolved", request_id=rid, status=final.status)
-                    elif not final.recheck:
-                        await self.book.stop_rechecking(rid)
-                        log.warning("payment.needs_technician", request_id=rid)
-                except StorageError as err:
-                    log.error("payment.recheck_not_committed", request_id=rid, error=str(err))
-        finally:
-            term.recheck_pending = False
-            term.slot.release()
-
     # --- terminals ----------------------------------------------------------------------------
 
     def _on_state(self, term: Terminal, state: DeviceState, reason: str | None) -> None:
         self._states.put_nowait((term.id, state, reason))
-        doubts = self.book.doubtful.values()
-        wanted = any(d.recheck and d.payment.device_id == term.id for d in doubts)
-        tg = self._tg
-        if state is DeviceState.ONLINE and wanted and tg is not None and not term.recheck_pending:
-            term.recheck_pending = True
-            tg.create_task(self._recheck(term), name=f"payments-recheck-{term.id}")
+        if state is DeviceState.ONLINE:
+            self.rechecks.came_online(term)
 
     async def _publish_states(self) -> None:
         """Commit device.status for every terminal state change, in order."""
@@ -489,7 +479,7 @@ async def install(gw: Gateway, stack: AsyncExitStack) -> None:
     from gateway.commands import CommandSpec  # noqa: PLC0415
     from gateway.storebus import Route  # noqa: PLC0415
 
-    service = PaymentService(gw.db, gw.store_bus, gw.config, gw.device_status)
+    service = PaymentService(gw.db, gw.store_bus, gw.config, gw.device_status, gw.clock)
     for term in service.terminals.values():
         await stack.enter_async_context(term.driver)
     await service.load()

@@ -67,6 +67,10 @@ CORE: tuple[str, ...] = (
 MIGRATIONS: dict[str, tuple[str, ...]] = {
     "core": CORE,
     # --- component migrations below (one entry per component) ---
+    "payment_schedule": (  # 1: the local date of each terminal's last scheduled end-of-day
+        "CREATE TABLE payment_end_of_day (device_id TEXT PRIMARY KEY, last_date TEXT NOT NULL,"
+        " ran_at REAL NOT NULL) WITHOUT ROWID",
+    ),
     "payments": (  # 1: card payments (gateway/payments.py), one row per request_id
         """
         CREATE TABLE payments (

@@ -1,96 +1,28 @@
-"""A small till for tests and the benchmark: publishes store-bus requests and awaits results."""
+"""Test tills: :class:`Till` is the simulator's StoreClient as a POS; request body builders."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import socket
-from collections import defaultdict, deque
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
-import aiomqtt
-
+from devices.sim.store_client import StoreClient
 from gateway.app import Gateway
 
-ID_FIELDS = {"sale": "sale_id", "return": "return_id", "stock": "request_id"}
 
-
-class Till:
-    """One POS terminal on the store broker (async context manager)."""
+class Till(StoreClient):
+    """One POS terminal on the store broker: MQTT 3.1.1, answers awaited for 10 s."""
 
     def __init__(self, port: int, terminal: str = "pos-1", *, host: str = "127.0.0.1") -> None:
-        self.terminal = terminal
-        self._client = aiomqtt.Client(
-            host,
+        super().__init__(
             port,
-            identifier=f"till-{terminal}",
-            timeout=10,
-            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+            "pos",
+            terminal,
+            host=host,
+            protocol="3.1.1",
+            client_id=f"till-{terminal}",
+            timeout_s=10.0,
         )
-        self._waiting: dict[tuple[str, str], deque[asyncio.Future[dict[str, Any]]]] = defaultdict(
-            deque
-        )
-        self.errors: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._reader: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Self:
-        await self._client.__aenter__()
-        await self._client.subscribe(f"store/v1/pos/{self.terminal}/+/result", qos=1)
-        await self._client.subscribe("store/v1/errors", qos=1)
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name="till-reader")
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        await self._client.__aexit__(et, e, tb)
-
-    async def _read(self) -> None:
-        async for message in self._client.messages:
-            topic = str(message.topic)
-            payload = message.payload
-            assert isinstance(payload, bytes | bytearray)
-            body = json.loads(payload)
-            if topic == "store/v1/errors":
-                self.errors.put_nowait(body)
-                continue
-            action = topic.split("/")[4]
-            key = (action, str(body[ID_FIELDS[action]]))
-            queue = self._waiting.get(key)
-            if queue:
-                fut = queue.popleft()
-                if not fut.done():
-                    fut.set_result(body)
-
-    async def send(self, action: str, body: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
-        """Publish a request now; the returned future resolves with its result."""
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[(action, str(body[ID_FIELDS[action]]))].append(fut)
-        await self.publish_raw(action, json.dumps(body).encode())
-        return fut
-
-    async def request(
-        self, action: str, body: dict[str, Any], *, timeout_s: float = 10.0
-    ) -> dict[str, Any]:
-        """Publish a request and wait for its result."""
-        fut = await self.send(action, body)
-        async with asyncio.timeout(timeout_s):
-            return await fut
-
-    async def publish_raw(self, action: str, payload: bytes) -> None:
-        """Publish raw bytes on this terminal's request topic."""
-        await self._client.publish(f"store/v1/pos/{self.terminal}/{action}", payload, qos=1)
-
-    async def next_error(self, timeout_s: float = 5.0) -> dict[str, Any]:
-        """The next message on store/v1/errors."""
-        async with asyncio.timeout(timeout_s):
-            return await self.errors.get()
+        self.terminal = terminal
 
 
 def sale(

@@ -16,6 +16,7 @@ from gateway.commands import Command, CommandDispatcher, CommandSpec, Outcome
 from gateway.config import CloudSection
 from gateway.db import Database
 from gateway.drain import Drainer
+from gateway.jsonedge import parse_json
 from gateway.mqtt import Inbound, MqttLink, Outbound
 from gateway.outbox import Outbox
 
@@ -140,7 +141,7 @@ class CloudLink:
 
     async def _on_ack(self, payload: bytes) -> None:
         try:
-            body = json.loads(payload)
+            body = parse_json(payload)
             through = body["through_seq"]
             if not isinstance(through, int) or isinstance(through, bool) or through < 0:
                 raise TypeError("through_seq must be a non-negative integer")

@@ -31,6 +31,7 @@ from gateway.clock import ClockStatus, parse_rfc3339
 from gateway.config import SecuritySection
 from gateway.db import Database, EventDraft, Statement, Work
 from gateway.errors import StorageError
+from gateway.jsonedge import BadJson, parse_json
 from gateway.signing import Verifier
 
 log = structlog.get_logger(__name__)
@@ -120,9 +121,9 @@ class CommandDispatcher:
         """Process one command message end to end (never raises for bad input)."""
         self.stats.received += 1
         try:
-            env = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            await self._result(None, topic_name, Outcome("rejected", "invalid", f"not JSON: {err}"))
+            env = parse_json(payload)
+        except BadJson as err:
+            await self._result(None, topic_name, Outcome("rejected", "invalid", str(err)))
             return
         problem = _shape_problem(env, topic_name)
         if problem is not None:

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from gateway import __version__
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, RetryableError
+from gateway.jsonedge import BadJson, parse_json
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -326,9 +327,9 @@ class ControlServer:
     async def _handle(self, line: bytes, peer: Peer) -> dict[str, Any]:
         """One request line → one reply (never raises for anything the client sent)."""
         try:
-            raw = json.loads(line)
-        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            return reply_error(None, "bad-json", f"not JSON: {err}")
+            raw = parse_json(line)
+        except BadJson as err:
+            return reply_error(None, "bad-json", str(err))
         if not isinstance(raw, dict):
             return reply_error(None, "bad-request", "a request is a JSON object")
         req_id = raw.get("id")

@@ -182,10 +182,8 @@ class Drainer:
                 self._rewind(self.outbox.acked_through + 1, reason="no ack within resend_after_s")
 
     async def _persist_loop(self) -> None:
-        try:
-            while True:
-                await asyncio.sleep(self.persist_every_s)
-                await self.outbox.persist()
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.outbox.persist())
+        """Write the watermarks about once a second (the app writes them once more at stop;
+        a link drop loses at most a second of them, which only resends acked events)."""
+        while True:
+            await asyncio.sleep(self.persist_every_s)
+            await self.outbox.persist()

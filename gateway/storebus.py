@@ -22,6 +22,7 @@ from gateway import __version__
 from gateway.carddata import REFUSED, card_number_field, find_pan
 from gateway.config import StoreBusSection
 from gateway.errors import StorageError, StorageFull
+from gateway.jsonedge import BadJson, parse_json
 from gateway.linkstate import LinkState, StateCell
 from gateway.mqtt import Inbound, MqttLink, Outbound
 
@@ -225,9 +226,9 @@ class StoreBus:
 def _parse_object(payload: bytes) -> dict[str, Any] | str:
     """The JSON object in a payload, or a string saying why there is none."""
     try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        return f"not JSON: {err}"
+        body = parse_json(payload)
+    except BadJson as err:
+        return str(err)
     if not isinstance(body, dict):
         return "not a JSON object"
     return body

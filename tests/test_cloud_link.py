@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import aiomqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel
@@ -345,3 +346,29 @@ async def test_max_publish_rate_caps_event_messages(
         # 30 one-event messages at 20/s: at least ~0.5 s beyond the first second's burst
         assert loop.time() - start >= 0.4
         assert be.record.messages >= 30
+
+
+async def test_pathologically_nested_json_gets_a_clear_answer_on_every_edge(
+    cloud_broker: Broker, store_broker: Broker, config_factory: ConfigFactory
+) -> None:
+    """json.loads raises RecursionError (not JSONDecodeError) for '[[[[…'; a 128 KiB message can nest 64k deep."""
+    deep = b"[" * 60_000
+    cfg = config_factory(cloud_broker.url, store_broker.url)
+    async with running_gateway(cfg) as gw, backend(cloud_broker) as be:
+        await wait_connected(gw)
+        await be.send_raw("events.replay", deep)
+        result = await be.wait_for_result(None)
+        assert result["reason"] == "invalid" and "nested too deeply" in result["detail"]
+        assert be._client is not None
+        await be._client.publish("retail/v1/store-0042/ack", deep, qos=1)
+        async with aiomqtt.Client("127.0.0.1", store_broker.port, identifier="deep-till") as till:
+            await till.subscribe("store/v1/errors", qos=1)
+            await till.publish("store/v1/pos/pos-1/sale", deep, qos=1)
+            async with asyncio.timeout(10):
+                message = await anext(aiter(till.messages))
+            error = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+            assert error["topic"] == "store/v1/pos/pos-1/sale"
+            assert error["error"]["code"] == "invalid-json"
+        # and the gateway is still serving: a normal command is answered
+        cid = await be.send_command("events.replay", {"from_seq": 10**9})
+        assert (await be.wait_for_result(cid))["status"] == "ok"

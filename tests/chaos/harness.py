@@ -15,8 +15,9 @@ Shape of one run (:func:`run_chaos`):
    committed seq, stop the daemon with SIGTERM (exit 0).
 4. Check the invariants (:mod:`tests.chaos.invariants`) and return the report.
 
-Seam for more workloads: a :class:`Workload` adds tills (or simulators) and its own checks; the
-locker workload plugs in there once the locker service is committed.
+Seam for more workloads: a :class:`Workload` configures its simulators into the daemon before
+the first start, runs its own clients beside the tills, finishes its work at the settle and adds
+its evidence for the invariants — the locker workload (:mod:`tests.chaos.lockers`) is one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import random
 import signal
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from devices.sim.locker_sim import LockerBoardSim
 from devices.sim.zvt_sim import ZvtSimulator
 from gateway.backend_sim import RecordingBackend
 from tests.chaos.invariants import Evidence, Report, check
@@ -51,6 +54,9 @@ PAYMENT_CRASH_POINTS = (
     "payment-after-ack",
     "payment-before-final",
 )
+LOCKER_CRASH_POINTS = ("locker-after-pulse",)
+# highest N of ``name@N``: a point reached rarely must fire within a few seconds of a life
+CRASH_MAX_N = {"locker-after-pulse": 3}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +79,23 @@ class Plan:
 
 
 class Workload(Protocol):
-    """Extra load and checks (the seam for lockers)."""
+    """Extra load and evidence beside the tills (lockers: :mod:`tests.chaos.lockers`)."""
 
-    async def start(self, rig: Rig, stack: AsyncExitStack) -> None: ...
+    async def configure(self, rig: Rig, stack: AsyncExitStack) -> None:
+        """Before the first start: simulators on the stack, sections in ``rig.raw_config``."""
+        ...
 
-    def check(self, rig: Rig, report: Report) -> None: ...
+    async def start(self, rig: Rig, stack: AsyncExitStack) -> None:
+        """Start the workload's clients (they run until the stack closes)."""
+        ...
+
+    async def settle(self, rig: Rig) -> None:
+        """Faults healed, the daemon clean: finish every piece of work started."""
+        ...
+
+    async def evidence(self, rig: Rig, ev: Evidence) -> None:
+        """After the clean stop: put what the workload saw into ``ev``."""
+        ...
 
 
 @dataclass(slots=True)
@@ -86,8 +104,10 @@ class Life:
 
     crash_at: str | None
     clock: str
+    started_at: float = 0.0  # wall clock
     boot_id: str | None = None
     exit_code: int | None = None
+    killed: bool = False  # SIGKILLed by the nemesis (not by its own crash point)
 
 
 @dataclass(slots=True)
@@ -105,6 +125,7 @@ class Rig:
     config_path: Path
     daemon: Daemon
     zvt: ZvtSimulator | None = None
+    lockers: LockerBoardSim | None = None
     tills: list[ChaosTill] = field(default_factory=list)
     lives: list[Life] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
@@ -129,14 +150,15 @@ class Rig:
         crash_at = None
         if not clean and plan.crash_points and plan.crash_share >= 1.0:  # each point in turn
             point = plan.crash_points[len(self.lives) % len(plan.crash_points)]
-            crash_at = f"{point}@{self.rng.randint(1, 12)}"
+            crash_at = f"{point}@{self.rng.randint(1, CRASH_MAX_N.get(point, 12))}"
         elif not clean and plan.crash_points and self.rng.random() < plan.crash_share:
-            crash_at = f"{self.rng.choice(plan.crash_points)}@{self.rng.randint(1, 12)}"
+            point = self.rng.choice(plan.crash_points)
+            crash_at = f"{point}@{self.rng.randint(1, CRASH_MAX_N.get(point, 12))}"
         clock = "yes" if clean else self.rng.choice(plan.clock_modes)
         if clock != self.raw_config["clock"]["synced"]:
             self.raw_config["clock"]["synced"] = clock
             write_config(self.config_path, self.raw_config)
-        life = Life(crash_at, clock)
+        life = Life(crash_at, clock, started_at=time.time())
         self.lives.append(life)
         self._log_pos = self.daemon.log.stat().st_size if self.daemon.log.exists() else 0
         env = {"STORE_GATEWAY_CRASH_AT": crash_at} if crash_at else {}
@@ -176,8 +198,9 @@ class Rig:
             life.exit_code = code
             if code == -signal.SIGKILL:
                 self.counts["kills survived"] += 1
-                if life.crash_at:
+                if life.crash_at and not life.killed:
                     self.counts["crash points hit"] += 1
+                    self.counts[f"crash at {life.crash_at.partition('@')[0]}"] += 1
             elif code != 0:
                 raise AssertionError(
                     f"gateway exited {code}:\n{self.daemon.log.read_text()[-3000:]}"
@@ -186,6 +209,7 @@ class Rig:
     async def kill_gateway(self) -> None:
         """SIGKILL the daemon now and start a new life."""
         async with self.gw_lock:
+            self.lives[-1].killed = self.alive()
             self.daemon.kill()
             self._reap(self.lives[-1])
             await self.start_gateway()
@@ -215,6 +239,7 @@ class Rig:
         async with self.gw_lock:
             life = self.lives[-1]
             if self.alive() and (life.crash_at or life.clock != "yes"):
+                life.killed = True
                 self.daemon.kill()  # an armed life could still fire while we settle
             if not self.alive():
                 self._reap(life)
@@ -273,6 +298,8 @@ async def run_chaos(
     from tests.chaos.nemeses import NEMESES  # noqa: PLC0415 - nemeses import this module
 
     async with rig_for(plan, tmp, broker_factory) as rig, AsyncExitStack() as stack:
+        for workload in workloads:
+            await workload.configure(rig, stack)
         await rig.start_gateway()  # may be armed: the supervisor restarts it when it dies
         for i in range(plan.tills):
             gen = sales_and_returns(f"pos-{i + 1}")
@@ -299,6 +326,8 @@ async def run_chaos(
             await supervisor
             await rig.settle()
             stop_new.set()
+            for workload in workloads:
+                await workload.settle(rig)
             stock = await _finish_tills(rig)
             await rig.backend.wait_until(lambda r: r.contiguous >= rig.last_seq(), timeout_s=60)
             assert rig.daemon.terminate() == 0, "the gateway did not stop cleanly"
@@ -313,9 +342,9 @@ async def run_chaos(
             ledger=list(rig.zvt.ledger) if rig.zvt else None,
             boots={life.boot_id: life.clock for life in rig.lives if life.boot_id},
         )
-        report = check(evidence)
         for workload in workloads:
-            workload.check(rig, report)
+            await workload.evidence(rig, evidence)
+        report = check(evidence)
         report.counts.update(rig.counts)
         report.counts["proxy connections"] = rig.proxy.stats["connections"]
         report.counts["lives"] = len(rig.lives)

@@ -2,13 +2,16 @@
 
 Sources, each written independently of the gateway's own bookkeeping: the tills' logs (what
 each till asked and was answered), the backend's record (what reached the cloud), the ZVT
-simulator's ledger (what the terminal booked), and the database file (read-only, after a clean
-stop). A violation is a sentence; a report with none passes.
+simulator's ledger (what the terminal booked), the locker workload's record (what staff and
+customers asked and were told, the boards' pulse counters and doors, the retained bank state),
+and the database file (read-only, after a clean stop). A violation is a sentence; a report with
+none passes.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -18,6 +21,7 @@ from typing import Any
 
 from devices.sim.zvt_sim import LedgerEntry
 from gateway.backend_sim import BackendRecord
+from tests.chaos.lockers import LockerEvidence
 from tests.chaos.tills import TillLog
 
 FINAL_PAYMENT = {"approved", "declined", "aborted", "failed", "in_doubt"}
@@ -34,6 +38,7 @@ class Evidence:
     stock: dict[str, int] | None = None  # on_hand per SKU as the gateway answered at the end
     ledger: list[LedgerEntry] | None = None
     boots: dict[str, str] = field(default_factory=dict)  # boot_id → clock.synced of that life
+    lockers: LockerEvidence | None = None
 
 
 @dataclass(slots=True)
@@ -56,7 +61,11 @@ class Report:
             f"events={c['events']}, sales+returns={c['tickets']}, payments={c['payments']}, "
             f"lost={c['lost']}, duplicates applied={c['duplicates applied']}, "
             f"changed payloads={c['changed payloads']}, violations={len(self.violations)}"
-            + "".join(f", {k}={v}" for k, v in sorted(c.items()) if k.startswith("payment "))
+            + "".join(
+                f", {k}={v}"
+                for k, v in sorted(c.items())
+                if k.startswith(("payment ", "locker ", "orders ", "crash at "))
+            )
         )
 
 
@@ -70,6 +79,8 @@ def check(ev: Evidence) -> Report:
     _check_commands(ev, report)
     if ev.ledger is not None:
         _check_payments(ev, report)
+    if ev.lockers is not None:
+        _check_lockers(ev, ev.lockers, report)
     _check_clock(ev, report)
     return report
 
@@ -186,6 +197,10 @@ def _check_inventory(ev: Evidence, report: Report) -> None:
             sign = -1 if kind == "sale" else 1
             for line in request["lines"]:
                 expected[line["sku"]] += sign * line["qty"]
+    if ev.lockers is not None:  # a pickup the customer saw open takes the order's stock out
+        for order_id in _opened_pickups(ev.lockers):
+            for sku, qty in ev.lockers.orders[order_id].items:
+                expected[sku] -= qty
     backend: Counter[str] = Counter()
     for env in ev.record.of_type("inventory.changed"):
         backend[env["data"]["sku"]] += env["data"]["delta"]
@@ -292,3 +307,204 @@ def _check_clock(ev: Evidence, report: Report) -> None:
         if mode in want and env["clock"] != want[mode]:
             report.fail(f"seq {env['seq']}: clock {env['clock']} from a life with synced={mode}")
             return
+
+
+# --- lockers -------------------------------------------------------------------------------------
+
+LOST_OUTCOME = "outcome of a lock pulse"
+
+
+def _opened_pickups(lk: LockerEvidence) -> set[str]:
+    """Orders whose pickup the kiosk was answered ``opened`` for."""
+    return {
+        r.target
+        for r in lk.requests
+        if r.action == "pickup" and r.final is not None and r.final.get("status") == "opened"
+    }
+
+
+def _check_lockers(ev: Evidence, lk: LockerEvidence, report: Report) -> None:
+    """Orders end collected once, every pulse audited first, lost outcomes reported, the retained
+    state agrees with the doors, pickup stock movements match the collected orders."""
+    conn = sqlite3.connect(f"file:{ev.db_path}?mode=ro", uri=True)
+    try:
+        actions = conn.execute(
+            "SELECT compartment, opened_by, ref, state, seq FROM locker_actions WHERE bank = ?",
+            (lk.bank,),
+        ).fetchall()
+        moves = conn.execute(
+            "SELECT ref, sku, delta FROM movements WHERE cause = 'pickup'"
+        ).fetchall()
+    finally:
+        conn.close()
+    updates: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+    for env in ev.record.of_type("order.updated"):
+        updates[env["data"]["order_id"]].append((env["seq"], env["data"]))
+    audits = [e for e in ev.record.of_type("locker.opened") if e["data"].get("bank") == lk.bank]
+    for req in lk.requests:
+        if req.final is None:
+            report.fail(f"locker {req.action} {req.request_id}: no final answer")
+    _check_orders(lk, updates, report)
+    _check_pulses(lk, audits, updates, report)
+    _check_lost_outcomes(ev, lk, actions, report)
+    _check_locker_state(lk, updates, report)
+    _check_pickup_stock(ev, lk, moves, report)
+
+
+def _check_orders(
+    lk: LockerEvidence, updates: dict[str, list[tuple[int, dict[str, Any]]]], report: Report
+) -> None:
+    """Answered ``opened`` at pickup ⇔ collected in the backend, once; nothing stuck."""
+    opened = _opened_pickups(lk)
+    for oid, plan in sorted(lk.orders.items()):
+        if plan.created is None:
+            report.fail(f"order {oid}: order.pickup.create never got a command.result")
+            continue
+        if plan.created != "ok":
+            report.counts["orders rejected"] += 1
+            continue
+        statuses = [d["status"] for _, d in updates.get(oid, [])]
+        for status in ("accepted", "in_locker", "collected"):
+            if statuses.count(status) > 1:
+                report.fail(f"order {oid}: {statuses.count(status)} order.updated {status}")
+                report.counts["duplicates applied"] += statuses.count(status) - 1
+        collected = "collected" in statuses
+        if oid in opened and "in_locker" in statuses and not collected:
+            report.fail(f"order {oid}: pickup answered opened, backend never saw it collected")
+        if collected and oid not in opened:
+            report.fail(f"order {oid}: collected in the backend, no pickup was answered opened")
+        if not collected:
+            report.fail(f"order {oid}: not collected at the end ({plan.stuck or statuses})")
+        report.counts["orders collected"] += collected
+    for req in lk.requests:
+        status = (req.final or {}).get("status")
+        if req.action == "load" and status in ("unknown_order", "rejected"):
+            report.fail(f"load {req.request_id} of {req.target}: answered {req.final}")
+        if req.action == "pickup" and status in ("invalid_code", "expired", "rejected"):
+            report.fail(f"pickup {req.request_id} of {req.target} with its code: {req.final}")
+
+
+def _check_pulses(
+    lk: LockerEvidence,
+    audits: list[dict[str, Any]],
+    updates: dict[str, list[tuple[int, dict[str, Any]]]],
+    report: Report,
+) -> None:
+    """Pulses ≤ audits per compartment; every audit caused by a request, none after the end."""
+    per_compartment = Counter(int(e["data"]["compartment"]) for e in audits)
+    for number, pulses in sorted(lk.pulses.items()):
+        report.counts["locker pulses"] += pulses
+        if pulses > per_compartment.get(number, 0):
+            report.fail(
+                f"compartment {number}: {pulses} pulses, only "
+                f"{per_compartment.get(number, 0)} locker.opened audits"
+            )
+    report.counts["locker audits"] = len(audits)
+    asked: set[tuple[str, str]] = {(r.action, r.target) for r in lk.requests}
+    done_at: dict[tuple[str, str], int] = {}  # (by, order) → seq after which it never opens
+    for oid, seen in updates.items():
+        for seq, data in seen:
+            if data["status"] == "in_locker":
+                done_at.setdefault(("load", oid), seq)
+            if data["status"] == "collected":
+                done_at.setdefault(("pickup", oid), seq)
+    for env in audits:
+        data = env["data"]
+        by, number = data.get("by"), int(data["compartment"])
+        target = str(number) if by == "retrieve" else str(data.get("ref"))
+        if by not in ("load", "pickup", "retrieve") or (by, target) not in asked:
+            report.fail(f"seq {env['seq']}: locker.opened {data} answers no request made")
+        elif env["seq"] > done_at.get((by, target), env["seq"]):
+            report.fail(f"seq {env['seq']}: locker.opened {data} after that order's outcome")
+
+
+def _check_lost_outcomes(
+    ev: Evidence, lk: LockerEvidence, actions: list[tuple[Any, ...]], report: Report
+) -> None:
+    """Every pulse whose outcome a kill lost is reported by a later life, once, not pending."""
+    reports: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for env in ev.record.of_type("device.status"):
+        data = env["data"]
+        if data.get("device_id") == lk.bank and LOST_OUTCOME in str(data.get("detail")):
+            found = re.search(r"compartment (\d+)", str(data["detail"]))
+            reports[int(found.group(1)) if found else -1].append(env)
+    boot_of = {e["seq"]: e["boot_id"] for e in ev.record.events.values()}
+    unknown: dict[int, list[int]] = defaultdict(list)
+    for number, by, ref, state, seq in actions:
+        if state == "pending":
+            report.fail(f"compartment {number}: opening by {by} {ref} still pending at the end")
+        elif state == "unknown":
+            unknown[int(number)].append(int(seq))
+    for number in sorted(set(unknown) | set(reports)):
+        got = sorted(reports.get(number, []), key=lambda e: e["seq"])
+        if len(got) != len(unknown.get(number, [])):
+            report.fail(
+                f"compartment {number}: {len(unknown.get(number, []))} pulses with a lost "
+                f"outcome, {len(got)} device.status error reports"
+            )
+        for audit_seq, env in zip(sorted(unknown.get(number, [])), got, strict=False):
+            if env["seq"] < audit_seq or env["boot_id"] == boot_of.get(audit_seq):
+                report.fail(
+                    f"compartment {number}: lost outcome of seq {audit_seq} reported by "
+                    f"seq {env['seq']} of the same life or before it"
+                )
+    report.counts["locker lost outcomes reported"] = sum(len(v) for v in reports.values())
+
+
+def _check_locker_state(
+    lk: LockerEvidence, updates: dict[str, list[tuple[int, dict[str, Any]]]], report: Report
+) -> None:
+    """The retained state at the end agrees with the doors and the orders."""
+    if lk.final_state is None:
+        report.fail(f"no retained store/v1/lockers/{lk.bank}/state at the end")
+        return
+    holding: dict[int, str] = {}  # compartment → order still in it by the backend's record
+    for oid, seen in updates.items():
+        last = seen[-1][1]
+        if last["status"] == "in_locker" and last.get("bank") == lk.bank:
+            holding[int(last["compartment"])] = oid
+    for number in sorted(lk.wiring):
+        state = lk.final_state.get(number)
+        door = lk.doors_open.get(number)
+        want = "open" if door else ("occupied" if number in holding else "free")
+        if state != want:
+            report.fail(
+                f"compartment {number}: retained state {state!r}, door "
+                f"{'open' if door else 'closed'}, order {holding.get(number)} → want {want!r}"
+            )
+
+
+def _check_pickup_stock(
+    ev: Evidence, lk: LockerEvidence, moves: list[tuple[Any, ...]], report: Report
+) -> None:
+    """Pickup movements (database and backend) are exactly the collected orders' items."""
+    collected = {
+        e["data"]["order_id"]
+        for e in ev.record.of_type("order.updated")
+        if e["data"]["status"] == "collected"
+    }
+    want: dict[str, Counter[str]] = {
+        oid: Counter({sku: -qty for sku, qty in lk.orders[oid].items})
+        for oid in collected
+        if oid in lk.orders
+    }
+    database: dict[str, Counter[str]] = defaultdict(Counter)
+    for ref, sku, delta in moves:
+        database[str(ref)][str(sku)] += int(delta)
+    backend: dict[str, Counter[str]] = defaultdict(Counter)
+    for env in ev.record.of_type("inventory.changed"):
+        if env["data"].get("cause") == "pickup":
+            backend[env["data"]["ref"]][env["data"]["sku"]] += env["data"]["delta"]
+    for oid in sorted(set(want) | set(database) | set(backend)):
+        expected = _nonzero(want.get(oid, Counter()))
+        for where, moved in (("database", database), ("backend", backend)):
+            got = _nonzero(moved.get(oid, Counter()))
+            if got != expected:
+                report.fail(
+                    f"order {oid}: pickup movements in the {where} {got}, "
+                    f"collected items imply {expected}"
+                )
+
+
+def _nonzero(counts: Counter[str]) -> dict[str, int]:
+    return {k: v for k, v in sorted(counts.items()) if v}

@@ -12,6 +12,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from tests.chaos.harness import Rig
+from tests.chaos.lockers import UNITS
 
 Nemesis = Callable[[Rig], Awaitable[None]]
 
@@ -107,6 +108,38 @@ async def zvt_silent(rig: Rig) -> None:
     rig.zvt.faults.silent = False
 
 
+async def locker_garbage(rig: Rig) -> None:
+    """Line noise towards the gateway on the locker bus for a while (between and into replies)."""
+    assert rig.lockers is not None
+    loop = asyncio.get_running_loop()
+    until = loop.time() + rig.rng.uniform(0.3, 1.5)
+    while loop.time() < until:
+        noise = bytes(rig.rng.getrandbits(8) for _ in range(rig.rng.randint(1, 12)))
+        rig.lockers.inject_garbage(noise)
+        await asyncio.sleep(rig.rng.uniform(0.01, 0.1))
+
+
+async def locker_unplug(rig: Rig) -> None:
+    """The locker bus goes away (connections and listener closed) and comes back."""
+    assert rig.lockers is not None
+    await rig.lockers.unplug()
+    try:
+        await asyncio.sleep(rig.rng.uniform(0.2, 1.5))
+    finally:
+        await rig.lockers.replug()
+
+
+async def locker_silence(rig: Rig) -> None:
+    """One board hears requests and answers nothing for a while."""
+    assert rig.lockers is not None
+    unit = rig.rng.choice(UNITS)
+    rig.lockers.silence(unit)
+    try:
+        await asyncio.sleep(rig.rng.uniform(0.3, 1.5))
+    finally:
+        rig.lockers.silence(unit, False)
+
+
 NEMESES: dict[str, Nemesis] = {
     "kill_gateway": kill_gateway,
     "restart_cloud_broker": restart_cloud_broker,
@@ -120,6 +153,9 @@ NEMESES: dict[str, Nemesis] = {
     "zvt_flips": zvt_flips,
     "zvt_unplug": zvt_unplug,
     "zvt_silent": zvt_silent,
+    "locker_garbage": locker_garbage,
+    "locker_unplug": locker_unplug,
+    "locker_silence": locker_silence,
 }
 
 NETWORK = (
@@ -132,3 +168,4 @@ NETWORK = (
     "proxy_blackhole",
 )
 SERIAL = ("zvt_garbage", "zvt_flips", "zvt_unplug", "zvt_silent")
+LOCKER = ("locker_garbage", "locker_unplug", "locker_silence")

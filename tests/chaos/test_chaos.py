@@ -12,15 +12,28 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.conftest import CHAOS_SECONDS, CHAOS_TIMEOUT_S, record_summary, seeds
-from tests.chaos.harness import DB_CRASH_POINTS, PAYMENT_CRASH_POINTS, Plan, run_chaos
-from tests.chaos.nemeses import NETWORK, SERIAL
+from tests.chaos.harness import (
+    DB_CRASH_POINTS,
+    LOCKER_CRASH_POINTS,
+    PAYMENT_CRASH_POINTS,
+    Plan,
+    Workload,
+    run_chaos,
+)
+from tests.chaos.lockers import LockersWorkload
+from tests.chaos.nemeses import LOCKER, NETWORK, SERIAL
 from tests.conftest import Broker
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(CHAOS_TIMEOUT_S)]
 
 
-async def _run(plan: Plan, tmp_path: Path, broker_factory: Callable[..., Broker]) -> None:
-    report = await run_chaos(plan, tmp_path, broker_factory)
+async def _run(
+    plan: Plan,
+    tmp_path: Path,
+    broker_factory: Callable[..., Broker],
+    workloads: tuple[Workload, ...] = (),
+) -> None:
+    report = await run_chaos(plan, tmp_path, broker_factory, workloads=workloads)
     record_summary(report.summary(plan.name))
     assert not report.violations, "\n".join(report.violations[:30])
     assert report.counts["lost"] == 0 and report.counts["duplicates applied"] == 0
@@ -81,3 +94,30 @@ async def test_payments_under_kills_and_serial_noise(
         gap_s=(0.5, 1.5),
     )
     await _run(plan, tmp_path, broker_factory)
+
+
+LOCKER_NETWORK = ("restart_store_broker", "restart_cloud_broker", "proxy_reset", "proxy_blackhole")
+
+
+@pytest.mark.parametrize("seed", seeds())
+async def test_lockers_under_kills_crash_points_and_board_faults(
+    tmp_path: Path, broker_factory: Callable[..., Broker], seed: int
+) -> None:
+    """Click and collect beside a till: orders created by the backend, loaded by staff, picked
+    up at the kiosk with the code from the backend's in_locker event; the gateway killed at
+    random and at locker-after-pulse (between a pulse and its state commit) and the commit
+    points; the locker bus fed garbage, unplugged, a board silent; broker and proxy faults."""
+    plan = Plan(
+        name=f"lockers seed={seed}",
+        seconds=CHAOS_SECONDS,
+        seed=seed,
+        nemeses=("kill_gateway", "kill_gateway", *LOCKER, *LOCKER, *LOCKER_NETWORK),
+        tills=1,
+        inflight=2,
+        till_pause_s=0.05,
+        crash_points=(*LOCKER_CRASH_POINTS, *LOCKER_CRASH_POINTS, "after-commit", "before-commit"),
+        crash_share=0.7,
+        clock_modes=("yes", "no"),
+        gap_s=(0.4, 1.2),
+    )
+    await _run(plan, tmp_path, broker_factory, (LockersWorkload(seed),))

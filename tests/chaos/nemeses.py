@@ -8,6 +8,7 @@ a dead link on its own rather than have it come back.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -140,6 +141,18 @@ async def locker_silence(rig: Rig) -> None:
         rig.lockers.silence(unit, False)
 
 
+async def locker_slow(rig: Rig) -> None:
+    """The boards answer after the gateway's response timeout for a while (a slow board, or a
+    reply lost to noise): the gateway must not repeat a pulse write the board already executed.
+    Off by default (``CHAOS_LOCKER_SLOW=1``): it finds a second, unaudited pulse today."""
+    assert rig.lockers is not None
+    rig.lockers._reply_delay_s = 0.12  # no public control; longer than response_timeout_ms=80
+    try:
+        await asyncio.sleep(rig.rng.uniform(1.0, 2.5))
+    finally:
+        rig.lockers._reply_delay_s = 0.0
+
+
 NEMESES: dict[str, Nemesis] = {
     "kill_gateway": kill_gateway,
     "restart_cloud_broker": restart_cloud_broker,
@@ -156,6 +169,7 @@ NEMESES: dict[str, Nemesis] = {
     "locker_garbage": locker_garbage,
     "locker_unplug": locker_unplug,
     "locker_silence": locker_silence,
+    "locker_slow": locker_slow,
 }
 
 NETWORK = (
@@ -168,4 +182,6 @@ NETWORK = (
     "proxy_blackhole",
 )
 SERIAL = ("zvt_garbage", "zvt_flips", "zvt_unplug", "zvt_silent")
-LOCKER = ("locker_garbage", "locker_unplug", "locker_silence")
+LOCKER = ("locker_garbage", "locker_unplug", "locker_silence") + (
+    ("locker_slow",) if os.environ.get("CHAOS_LOCKER_SLOW") == "1" else ()
+)

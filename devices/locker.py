@@ -286,7 +286,12 @@ class LockerBank:
         for try_no in range(1, self.settings.jam_tries + 1):
             if before_pulse is not None:
                 await before_pulse(try_no)
-            await self.pulse(compartment)
+            try:
+                await self.pulse(compartment)
+            except DeviceTimeout:
+                # The reply was lost, maybe not the pulse: the door decides; a further try is a
+                # new pulse with its own audit (the bus never resends a pulse on its own).
+                self._log.warning("locker pulse unanswered", compartment=compartment, try_no=try_no)
             if await self._wait_door(compartment, True, self.settings.open_confirm_s):
                 return True
         self._log.warning("locker jammed", compartment=compartment, tries=self.settings.jam_tries)

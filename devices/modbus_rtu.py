@@ -366,8 +366,12 @@ class ModbusRtuBus:
         return decode_bits(await self.transact(read_coils(unit, 0, count)), count)
 
     async def pulse(self, unit: int, channel: int, tenths: int) -> None:
-        """Board-timed pulse of one relay for ``tenths`` x 100 ms."""
-        await self.transact(pulse(unit, channel, tenths))
+        """Board-timed pulse of one relay for ``tenths`` x 100 ms; sent once, never retried.
+
+        A lost reply does not mean a lost pulse: resending would open the lock again without its
+        audit record. DeviceTimeout here means "outcome unknown"; the caller decides (the door).
+        """
+        await self.transact(pulse(unit, channel, tenths), retries=0)
 
     async def all_relays_off(self, unit: int) -> None:
         """Release every relay of one board."""

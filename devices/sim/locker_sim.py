@@ -140,6 +140,10 @@ class LockerBoardSim:
         if self._transport == "tcp":
             await self._listen()
 
+    def slow_replies(self, delay_s: float) -> None:
+        """Answer every request ``delay_s`` late from now on (0: on time again)."""
+        self._reply_delay_s = max(0.0, delay_s)
+
     def inject_garbage(self, data: bytes) -> None:
         """Put raw bytes on the line towards the master."""
         self._send(data)

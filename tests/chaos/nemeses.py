@@ -8,7 +8,6 @@ a dead link on its own rather than have it come back.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -143,14 +142,14 @@ async def locker_silence(rig: Rig) -> None:
 
 async def locker_slow(rig: Rig) -> None:
     """The boards answer after the gateway's response timeout for a while (a slow board, or a
-    reply lost to noise): the gateway must not repeat a pulse write the board already executed.
-    Off by default (``CHAOS_LOCKER_SLOW=1``): it finds a second, unaudited pulse today."""
+    reply lost to noise): the gateway must not repeat a pulse write the board already executed
+    (it found exactly that before the bus stopped retrying pulse writes)."""
     assert rig.lockers is not None
-    rig.lockers._reply_delay_s = 0.12  # no public control; longer than response_timeout_ms=80
+    rig.lockers.slow_replies(0.12)  # longer than the chaos config's response_timeout_ms=80
     try:
         await asyncio.sleep(rig.rng.uniform(1.0, 2.5))
     finally:
-        rig.lockers._reply_delay_s = 0.0
+        rig.lockers.slow_replies(0.0)
 
 
 NEMESES: dict[str, Nemesis] = {
@@ -182,6 +181,4 @@ NETWORK = (
     "proxy_blackhole",
 )
 SERIAL = ("zvt_garbage", "zvt_flips", "zvt_unplug", "zvt_silent")
-LOCKER = ("locker_garbage", "locker_unplug", "locker_silence") + (
-    ("locker_slow",) if os.environ.get("CHAOS_LOCKER_SLOW") == "1" else ()
-)
+LOCKER = ("locker_garbage", "locker_unplug", "locker_silence", "locker_slow")

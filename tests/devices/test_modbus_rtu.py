@@ -229,3 +229,16 @@ async def test_bus_link_loss_raises_unavailable_then_reconnects() -> None:
             assert not bus.connected
             await sim.replug()
             assert await bus.read_discrete_inputs(1) == (True,) * 8
+
+
+async def test_bus_never_resends_a_pulse_whose_reply_was_lost() -> None:
+    """A resent pulse would open the lock again without its audit record."""
+    async with (
+        LockerBoardSim([1], reply_delay_s=0.12) as sim,
+        rtu.ModbusRtuBus(sim.endpoint, response_timeout_s=0.05, retries=2) as bus,
+    ):
+        with pytest.raises(DeviceTimeout):
+            await bus.pulse(1, 0, 7)
+        await asyncio.sleep(0.3)  # let the late reply arrive and be discarded
+        assert sim.pulse_count(1, 0) == 1
+        assert len(sim.requests_for(1, 0x05)) == 1

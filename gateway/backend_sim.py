@@ -96,10 +96,15 @@ class RecordingBackend:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task = self._task
+        if task is not None:
+            # Python 3.11's asyncio.wait_for (aiomqtt's publish) can swallow a cancel that races
+            # its completion; cancel again until the task has really ended.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
+            if not task.cancelled():
+                task.exception()  # retrieved: a failure here is teardown noise, not a result
 
     async def _run(self) -> None:
         first = True

@@ -12,6 +12,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import __version__
+from gateway.clock import now_rfc3339
 from gateway.commands import Command, CommandDispatcher, CommandSpec, Outcome
 from gateway.config import CloudSection
 from gateway.db import Database
@@ -96,8 +97,6 @@ class CloudLink:
         return json.dumps({"state": state, "boot_id": self.boot_id, **extra}).encode()
 
     def _birth_payload(self) -> bytes:
-        from gateway.clock import now_rfc3339  # noqa: PLC0415
-
         return self._state_payload(
             "online", version=__version__, since=now_rfc3339(), last_seq=self.db.last_seq
         )

@@ -293,17 +293,7 @@ async def _card_sale(
     )
     if result["status"] != "approved":
         return result
-    sale = await till.request(
-        "sale",
-        {
-            "sale_id": f"{till.owner}-{n:04d}",
-            "lines": [{"sku": sku, "qty": qty, "unit_price_minor": price}],
-            "total_minor": total,
-            "currency": "EUR",
-            "payments": [{"method": "card", "amount_minor": total, "payment_ref": pay_id}],
-            "completed_at": now_rfc3339(),
-        },
-    )
+    sale = await _sell(till, n, sku, qty, {"method": "card", "payment_ref": pay_id})
     story.say(
         till.owner,
         f"sale {sale['sale_id']}: {qty}× {name} — {sale['status']} (event seq {sale.get('seq')})",
@@ -311,40 +301,33 @@ async def _card_sale(
     return result
 
 
-async def _cash_sale(story: Story, till: StoreClient, n: int, sku: str, qty: int) -> dict[str, Any]:
-    name, price = SKUS[sku]
+async def _sell(
+    till: StoreClient, n: int, sku: str, qty: int, payment: dict[str, Any]
+) -> dict[str, Any]:
+    """Send one sale of ``qty`` x ``sku`` paid in full by ``payment``; its answer."""
+    price = SKUS[sku][1]
     total = price * qty
-    sale = await till.request(
+    return await till.request(
         "sale",
         {
             "sale_id": f"{till.owner}-{n:04d}",
             "lines": [{"sku": sku, "qty": qty, "unit_price_minor": price}],
             "total_minor": total,
             "currency": "EUR",
-            "payments": [{"method": "cash", "amount_minor": total}],
+            "payments": [{**payment, "amount_minor": total}],
             "completed_at": now_rfc3339(),
         },
     )
+
+
+async def _cash_sale(story: Story, till: StoreClient, n: int, sku: str, qty: int) -> dict[str, Any]:
+    name, price = SKUS[sku]
+    sale = await _sell(till, n, sku, qty, {"method": "cash"})
     story.say(
         till.owner,
-        f"cash sale {sale['sale_id']}: {qty}× {name}, {_money(total)} — {sale['status']} (seq {sale.get('seq')})",
+        f"cash sale {sale['sale_id']}: {qty}× {name}, {_money(price * qty)} — {sale['status']} (seq {sale.get('seq')})",
     )
     return sale
-
-
-async def _cash_sale_quiet(till: StoreClient, n: int, sku: str) -> dict[str, Any]:
-    price = SKUS[sku][1]
-    return await till.request(
-        "sale",
-        {
-            "sale_id": f"{till.owner}-{n:04d}",
-            "lines": [{"sku": sku, "qty": 1, "unit_price_minor": price}],
-            "total_minor": price,
-            "currency": "EUR",
-            "payments": [{"method": "cash", "amount_minor": price}],
-            "completed_at": now_rfc3339(),
-        },
-    )
 
 
 async def _story(workdir: Path, speed: float, broker: str) -> bool:
@@ -519,7 +502,7 @@ async def _day(  # noqa: PLR0915 - the story reads top to bottom
     t_rush = time.monotonic()
     rush = await asyncio.gather(
         *(
-            _cash_sale_quiet(till, 100 + i, "4006381333931")
+            _sell(till, 100 + i, "4006381333931", 1, {"method": "cash"})
             for till in (till1, till2)
             for i in range(40)
         )

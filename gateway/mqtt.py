@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
-import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -301,4 +300,4 @@ def make_tls_context(settings: MqttSection) -> ssl.SSLContext:
     return ctx
 
 
-__all__ = ["Inbound", "MqttLink", "Outbound", "make_tls_context", "paho"]
+__all__ = ["Inbound", "MqttLink", "Outbound", "make_tls_context"]
